@@ -1,0 +1,1 @@
+"""Converters from public dataset layouts to nnU-Net raw format."""

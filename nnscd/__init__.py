@@ -1,0 +1,1 @@
+"""nnscd: nnU-Net v2 with token-sparse transformers."""

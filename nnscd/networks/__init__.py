@@ -1,0 +1,1 @@
+"""Pure PyTorch networks of nnscd. Nothing in here imports nnU-Net."""

@@ -1,0 +1,224 @@
+"""The nnScd_* console scripts: nnU-Net's own commands, same flags, with nnscd's trainers and safe outputs.
+
+Each command settles the environment (nnscd.paths) before nnunetv2 is imported, checks what nnU-Net would
+only find out late or obscurely, then hands over to nnunetv2's own entry point. What nnU-Net prints for the
+user to run next names the nnScd_ commands, which find nnscd's trainers.
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import sys
+from typing import Callable, Iterator, List, NoReturn
+
+from nnscd.paths import settle_environment
+from nnscd.safe_io import PARTIAL_PREFIX, atomic_path
+
+NNUNET_PREFIX, NNSCD_PREFIX = "nnUNetv2_", "nnScd_"
+
+
+class _RenamingStream(io.TextIOBase):
+    """stdout that tells the user nnScd_ commands where nnU-Net says nnUNetv2_ ones."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.replace(NNUNET_PREFIX, NNSCD_PREFIX))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+def fail(message: str) -> NoReturn:
+    """Stop a command with a message for the user (no traceback) and exit status 2."""
+    print(f"nnscd: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _flag(argv: List[str], flag: str, default: str) -> str:
+    """The value of one nnU-Net flag, read before nnU-Net parses the whole command line."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(flag, default=default)
+    return getattr(parser.parse_known_args(argv)[0], flag.lstrip("-"))
+
+
+def _prepare(argv: List[str], takes_device: bool = False) -> None:
+    """Settle the environment; refuse a CUDA run on a machine without CUDA before any work starts."""
+    import torch
+
+    device = _flag(argv, "-device", "cuda") if takes_device else None
+    settle_environment(cpu=device == "cpu" or not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("CUDA is not available on this machine. Add `-device cpu` (nnU-Net's flag) to run on the CPU.")
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, replacement) -> Iterator[None]:
+    """Swap one global of an nnunetv2 module for the duration of a command (its entry point reads it by name)."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _nnscd_names() -> Iterator[None]:
+    with contextlib.redirect_stdout(_RenamingStream(sys.stdout)):
+        yield
+
+
+def _delegate(module: str, function: str) -> Callable[[], None]:
+    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment."""
+
+    def command() -> None:
+        _prepare(sys.argv[1:])
+        entry = getattr(importlib.import_module(module), function)
+        with _nnscd_names():
+            entry()
+
+    command.__doc__ = f"nnScd_ twin of nnunetv2's {module}.{function}"
+    return command
+
+
+plan_and_preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
+                                "plan_and_preprocess_entry")
+extract_fingerprint = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
+                                "extract_fingerprint_entry")
+plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry")
+preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry")
+determine_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
+                                     "entry_point_determine_postprocessing_folder")
+apply_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
+                                 "entry_point_apply_postprocessing")
+ensemble = _delegate("nnunetv2.ensembling.ensemble", "entry_point_ensemble_folders")
+evaluate_folder = _delegate("nnunetv2.evaluation.evaluate_predictions", "evaluate_folder_entry_point")
+export_model_to_zip = _delegate("nnunetv2.model_sharing.entry_points", "export_pretrained_model_entry")
+install_pretrained_model_from_zip = _delegate("nnunetv2.model_sharing.entry_points", "install_from_zip_entry_point")
+convert_msd_dataset = _delegate("nnunetv2.dataset_conversion.convert_MSD_dataset", "entry_point")
+
+
+def check_trainer_name(name: str) -> None:
+    """Fail with the list of nnscd's trainers when nnU-Net's lookup (nnunetv2, nnUNet_extTrainer) cannot find `name`."""
+    import nnscd_trainers
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    if "__" in name:
+        fail(f"trainer name '{name}' contains '__', which nnU-Net uses to separate trainer, plans and "
+             f"configuration in result folder names. Rename the class.")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the lookup narrates every folder it searches
+            recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        fail(f"unknown trainer '{name}'. nnscd's trainers: {', '.join(sorted(nnscd_trainers.__all__))}. "
+             f"nnU-Net's own trainers (nnUNetTrainer, nnUNetTrainer_5epochs, ...) work too; for your own class, "
+             f"put its folder in the nnUNet_extTrainer environment variable.")
+
+
+def train() -> None:
+    """nnScd_train DATASET CONFIGURATION FOLD [-tr TRAINER] [--c] [--npz] [-device cpu] ... as nnUNetv2_train."""
+    argv = sys.argv[1:]
+    _prepare(argv, takes_device=True)
+    if "-h" not in argv and "--help" not in argv:
+        check_trainer_name(_flag(argv, "-tr", "nnUNetTrainer"))
+    from nnunetv2.run.run_training import run_training_entry
+    with _nnscd_names():
+        run_training_entry()
+
+
+def _check_prediction_folders(input_folder: str, output_folder: str) -> None:
+    if not os.path.isdir(input_folder):
+        fail(f"input folder {input_folder} does not exist. Pass the folder holding the images (-i).")
+    if not [f for f in os.listdir(input_folder) if not f.startswith(".")]:
+        fail(f"input folder {input_folder} is empty: nothing to predict. Put the images there "
+             f"(CASE_0000.nii.gz, ...) or point -i at the right folder.")
+    if os.path.abspath(input_folder) == os.path.abspath(output_folder):
+        fail(f"output folder equals the input folder ({input_folder}). Predictions would mix with the images; "
+             f"choose another -o.")
+    if os.path.isdir(output_folder):  # leftovers of a killed run; finished cases are never partial files
+        for name in os.listdir(output_folder):
+            if name.startswith(PARTIAL_PREFIX):
+                os.remove(os.path.join(output_folder, name))
+
+
+def _nnscd_predictor():
+    """Make nnunetv2's predict entry points build nnscd's predictor (same flags, safe exports)."""
+    from nnunetv2.inference import predict_from_raw_data
+    from nnscd.predictor import nnScdPredictor
+
+    return _patched(predict_from_raw_data, "nnUNetPredictor", nnScdPredictor)
+
+
+def predict() -> None:
+    """nnScd_predict -i IN -o OUT -d DATASET -c CONFIGURATION [-tr TRAINER] [-f FOLDS] ... as nnUNetv2_predict."""
+    argv = sys.argv[1:]
+    _prepare(argv, takes_device=True)
+    if "-h" not in argv and "--help" not in argv:
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        _check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
+        trainer = _flag(argv, "-tr", "nnUNetTrainer")
+        check_trainer_name(trainer)
+        dataset, plans, configuration = _flag(argv, "-d", ""), _flag(argv, "-p", "nnUNetPlans"), _flag(argv, "-c", "")
+        try:
+            model_folder = get_output_folder(dataset, trainer, plans, configuration)
+        except RuntimeError as e:  # maybe_convert_to_dataset_name: no such dataset anywhere
+            fail(f"{e} Check -d.")
+        if not os.path.isdir(model_folder):
+            parent = os.path.dirname(model_folder)
+            trained = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+            fail(f"no trained model at {model_folder}. Train it first (nnScd_train {dataset} {configuration} FOLD "
+                 f"-tr {trainer} -p {plans}), or pick one of the trained models in {parent}: "
+                 f"{', '.join(trained) or 'none'}.")
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    with _nnscd_predictor(), _nnscd_names():
+        predict_entry_point()
+
+
+def predict_from_modelfolder() -> None:
+    """nnScd_predict_from_modelfolder -i IN -o OUT -m MODEL_FOLDER ... as nnUNetv2_predict_from_modelfolder."""
+    argv = sys.argv[1:]
+    _prepare(argv, takes_device=True)
+    if "-h" not in argv and "--help" not in argv:
+        _check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
+        model_folder = _flag(argv, "-m", "")
+        if not os.path.isfile(os.path.join(model_folder, "plans.json")):
+            fail(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
+                 f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+    with _nnscd_predictor(), _nnscd_names():
+        predict_entry_point_modelfolder()
+
+
+def _instructions_naming_nnscd(print_inference_instructions: Callable) -> Callable:
+    def write_instructions(inference_info_dict: dict, instructions_file: str = None) -> None:
+        print_inference_instructions(inference_info_dict, instructions_file)
+        if instructions_file is not None:
+            with open(instructions_file) as f:
+                text = f.read().replace(NNUNET_PREFIX, NNSCD_PREFIX)
+            with atomic_path(instructions_file) as tmp, open(tmp, "w") as f:
+                f.write(text)
+    return write_instructions
+
+
+def find_best_configuration() -> None:
+    """nnScd_find_best_configuration DATASET -c ... -tr ... as nnUNetv2_find_best_configuration.
+
+    nnU-Net writes inference_instructions.txt naming its own commands; nnscd's names the nnScd_ commands,
+    which also find nnscd's trainers.
+    """
+    _prepare(sys.argv[1:])
+    from nnunetv2.evaluation import find_best_configuration as fbc
+
+    rewrite = _instructions_naming_nnscd(fbc.print_inference_instructions)
+    with _patched(fbc, "print_inference_instructions", rewrite), _nnscd_names():
+        fbc.find_best_configuration_entry_point()

@@ -1,0 +1,24 @@
+"""Writes that a kill cannot leave half done: write beside the target, then rename over it."""
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+PARTIAL_PREFIX = ".partial_"
+
+
+@contextmanager
+def atomic_path(final_path: str) -> Iterator[str]:
+    """Yield a temporary path in the target's folder; if the block succeeds and wrote it, rename it to `final_path`.
+
+    The prefix keeps the file ending, so writers that pick the format from it (SimpleITK) still work, and the
+    leading dot keeps the partial file out of nnU-Net's folder listings.
+    """
+    folder, name = os.path.split(os.path.abspath(final_path))
+    tmp = os.path.join(folder, f"{PARTIAL_PREFIX}{os.getpid()}_{name}")
+    try:
+        yield tmp
+        if os.path.exists(tmp):
+            os.replace(tmp, final_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

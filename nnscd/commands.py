@@ -4,7 +4,6 @@ Each command settles the environment (nnscd.paths) before nnunetv2 is imported, 
 only find out late or obscurely, then hands over to nnunetv2's own entry point. What nnU-Net prints for the
 user to run next names the nnScd_ commands, which find nnscd's trainers.
 """
-import argparse
 import contextlib
 import importlib
 import io
@@ -44,10 +43,12 @@ def fail(message: str) -> NoReturn:
 
 
 def _flag(argv: List[str], flag: str, default: str) -> str:
-    """The value of one nnU-Net flag, read before nnU-Net parses the whole command line."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument(flag, default=default)
-    return getattr(parser.parse_known_args(argv)[0], flag.lstrip("-"))
+    """The value after one nnU-Net flag, read before nnU-Net parses the command line.
+
+    An exact token match: argparse would read `-device` as `-d evice` when only `-d` is declared.
+    """
+    position = argv.index(flag) + 1 if flag in argv else len(argv)
+    return argv[position] if position < len(argv) else default
 
 
 def _prepare(argv: List[str], takes_device: bool = False) -> None:

@@ -6,10 +6,11 @@ user to run next names the nnScd_ commands, which find nnscd's trainers.
 """
 import contextlib
 import importlib
+import json
 import io
 import os
 import sys
-from typing import Callable, Iterator, List, NoReturn
+from typing import Callable, Iterator, List, NoReturn, Optional
 
 from nnscd.paths import settle_environment
 from nnscd.safe_io import PARTIAL_PREFIX, atomic_path
@@ -78,24 +79,50 @@ def _nnscd_names() -> Iterator[None]:
         yield
 
 
-def _delegate(module: str, function: str) -> Callable[[], None]:
-    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment."""
+def _delegate(module: str, function: str, after: Optional[Callable[[List[str]], None]] = None) -> Callable[[], None]:
+    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment,
+    then `after(argv)` if given."""
 
     def command() -> None:
-        _prepare(sys.argv[1:])
+        argv = sys.argv[1:]
+        _prepare(argv)
         entry = getattr(importlib.import_module(module), function)
         with _nnscd_names():
             entry()
+        if after is not None:
+            after(argv)
 
     command.__doc__ = f"nnScd_ twin of nnunetv2's {module}.{function}"
     return command
 
 
+def _write_token_plans(argv: List[str]) -> None:
+    """After nnU-Net planned: record the token-aware plans (nnscd.token_planning) as nnScdPlans.json."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnscd.token_planning import PLANS_NAME, describe_token_plans, write_token_plans
+
+    if "-pl" in argv and "-overwrite_plans_name" not in argv:
+        print(f"nnscd: {PLANS_NAME}.json is derived from nnUNetPlans; with -pl, add -overwrite_plans_name NAME to "
+              f"get NAME_nnScd.json. Token-sparse trainers plan their tokens from any plans when they start.")
+        return
+    source = _flag(argv, "-overwrite_plans_name", "nnUNetPlans")
+    target = PLANS_NAME if source == "nnUNetPlans" else f"{source}_nnScd"
+    datasets = argv[argv.index("-d") + 1:]
+    for dataset in datasets[:next((i for i, a in enumerate(datasets) if a.startswith("-")), len(datasets))]:
+        folder = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+        with open(write_token_plans(folder, source, target)) as f:
+            table = describe_token_plans(json.load(f))
+        print(f"\nnnscd: token-aware plans for transformer trainers written to {folder}/{target}.json "
+              f"(train with -p {target}; nnU-Net's {source}.json is unchanged)\n{table}")
+
+
 plan_and_preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                                "plan_and_preprocess_entry")
+                                "plan_and_preprocess_entry", after=_write_token_plans)
 extract_fingerprint = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                                 "extract_fingerprint_entry")
-plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry")
+plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry",
+                            after=_write_token_plans)
 preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry")
 determine_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
                                      "entry_point_determine_postprocessing_folder")

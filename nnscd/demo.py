@@ -1,8 +1,8 @@
 """nnScd_demo: the whole nnU-Net workflow with nnscd's commands on a synthetic dataset, on the CPU, in minutes.
 
 It runs the same console commands a user types (printed before each step), so the demo doubles as a tutorial:
-write a dataset in nnU-Net raw format -> plan and preprocess -> train one fold -> predict held-out cases ->
-Dice per class.
+write a dataset in nnU-Net raw format -> plan and preprocess (nnU-Net's plans plus token-aware nnScdPlans) ->
+train one fold of the STP+MTA token-sparse ViT -> predict held-out cases -> Dice per class.
 """
 import argparse
 import json
@@ -15,7 +15,8 @@ from typing import Dict, List
 
 from nnscd.paths import settle_environment
 
-DEMO_TRAINER = "nnScdTrainer_cpu"
+DEMO_TRAINER = "STPMTATrainer_demo"
+PLANS = "nnScdPlans"  # token-aware plans written by nnScd_plan_and_preprocess
 MIN_DICE = 0.5
 
 
@@ -47,11 +48,11 @@ def main() -> None:
     raw = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id)
     d, c = str(args.dataset_id), "3d_fullres"
     _run(["nnScd_plan_and_preprocess", "-d", d, "-c", c, "-np", "2", "-npfp", "2", "--verify_dataset_integrity"])
-    _run(["nnScd_train", d, c, "0", "-tr", args.tr, "-device", args.device])
-    model = Path(os.environ["nnUNet_results"]) / Path(raw).name / f"{args.tr}__nnUNetPlans__{c}"
+    _run(["nnScd_train", d, c, "0", "-tr", args.tr, "-p", PLANS, "-device", args.device])
+    model = Path(os.environ["nnUNet_results"]) / Path(raw).name / f"{args.tr}__{PLANS}__{c}"
     predictions = model / "demo_predictions_imagesTs"
     _run(["nnScd_predict", "-i", f"{raw}/imagesTs", "-o", str(predictions), "-d", d, "-c", c, "-tr", args.tr,
-          "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0"])
+          "-p", PLANS, "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0"])
     compute_metrics_on_folder_simple(f"{raw}/labelsTs", str(predictions), [1, 2],
                                      str(predictions / "summary.json"), num_processes=1, chill=False)
 

@@ -1,0 +1,247 @@
+"""nnScd_benchmark (network mode): speed, memory and FLOPs of networks side by side, on the same input.
+
+For each network: training step (forward, backward, AdamW step) and inference (torch.inference_mode) as the
+median of repeats after warm-up, peak memory, forward FLOPs measured by FlopCounterMode and predicted by the
+FLOP model, and parameters. On CUDA all networks run in this process (peak = max allocated, reset per
+network); on CPU each runs in a fresh subprocess with the same seeded input, so that the peak resident memory
+(ru_maxrss) is its own.
+
+`measure_network` is the reusable core: a dataset mode hands it a real batch and the trainer's loss.
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from nnscd.networks.registry import NETWORKS, build_network, modelled_forward_flops
+from nnscd.safe_io import atomic_path
+
+RESULT_KEYS = ("name", "params", "gflops_forward", "gflops_model", "train_step_s", "train_samples_per_s",
+               "infer_samples_per_s", "peak_memory_mb")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `step` over `iters` repeats, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(net: nn.Module, x: Tensor) -> int:
+    """Forward FLOPs in eval mode, as FlopCounterMode counts them (matmuls, attention, convolutions)."""
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset. CPU: this process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_network(net: nn.Module, x: Tensor, target: Tensor, iters: int, warmup: int, device: torch.device,
+                    amp: bool = False, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> dict:
+    """Time a training step and inference of `net` on the batch (x, target); also FLOPs, params, peak memory.
+
+    With `amp`, both run under fp16 autocast and the step uses a GradScaler, as nnU-Net trains on CUDA.
+    """
+    net, x, target = net.to(device), x.to(device), target.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = x.shape[0]
+    flops = forward_flops(net, x)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            net(x)
+
+    net.train()
+    train_s = median_seconds(train_step, iters, warmup, device)
+    net.eval()
+    infer_s = median_seconds(infer_step, iters, warmup, device)
+    return {"params": sum(p.numel() for p in net.parameters()), "gflops_forward": flops / 1e9,
+            "train_step_s": train_s, "train_samples_per_s": batch / train_s, "infer_samples_per_s": batch / infer_s,
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def benchmark_network(name: str, args: argparse.Namespace) -> dict:
+    """Build `name` and measure it on the seeded random batch every network of this run gets."""
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.channels, *args.patch)
+    target = torch.randint(0, args.classes, (args.batch, *args.patch))
+    net = build_network(name, args.channels, args.classes, args.patch)
+    result = measure_network(net, x, target, args.iters, args.warmup, torch.device(args.device), args.amp)
+    modelled = modelled_forward_flops(name, args.channels, args.classes, args.patch, args.batch)
+    return {"name": name, **result, "gflops_model": None if modelled is None else modelled / 1e9}
+
+
+def benchmark_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """Run one network in a fresh interpreter, so its peak RSS is not any other network's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "nnscd.benchmark", "--worker", out, "--net", name, "--device", args.device,
+               "--patch", *map(str, args.patch), "--channels", str(args.channels), "--classes", str(args.classes),
+               "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark of {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def make_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def write_json(path: str, report: dict) -> None:
+    make_parent(path)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def write_csv(path: str, results: Sequence[dict]) -> None:
+    make_parent(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_KEYS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in RESULT_KEYS} for r in results)
+
+
+def write_plot(path: str, report: dict) -> None:
+    """Three panels: train samples/s, inference samples/s, forward GFLOPs (measured and modelled)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = [r["name"] for r in results]
+    pos = range(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(names), 4.5))
+    for ax, key, title in ((axes[0], "train_samples_per_s", "training samples/s"),
+                           (axes[1], "infer_samples_per_s", "inference samples/s")):
+        ax.bar(pos, [r[key] for r in results], color="tab:blue" if key.startswith("train") else "tab:green")
+        ax.set_title(title)
+    axes[2].bar([p - 0.2 for p in pos], [r["gflops_forward"] for r in results], 0.4, label="measured")
+    axes[2].bar([p + 0.2 for p in pos], [r["gflops_model"] or 0 for r in results], 0.4, label="modelled")
+    axes[2].set_title("forward GFLOPs")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(list(pos), names, rotation=30, ha="right")
+    fig.suptitle(f"{report['device']}, patch {report['patch_size']}, batch {report['batch_size']}, "
+                 f"torch {report['torch']}")
+    fig.tight_layout()
+    make_parent(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def device_description(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def format_table(results: Sequence[dict]) -> str:
+    rows = [f"{'network':<22}{'params M':>10}{'GFLOPs':>10}{'model':>10}{'train s':>10}{'train/s':>10}"
+            f"{'infer/s':>10}{'peak MB':>10}"]
+    for r in results:
+        model = "-" if r["gflops_model"] is None else f"{r['gflops_model']:.1f}"
+        rows.append(f"{r['name']:<22}{r['params'] / 1e6:>10.2f}{r['gflops_forward']:>10.1f}{model:>10}"
+                    f"{r['train_step_s']:>10.3f}{r['train_samples_per_s']:>10.3f}{r['infer_samples_per_s']:>10.3f}"
+                    f"{r['peak_memory_mb']:>10.0f}")
+    return "\n".join(rows)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nnScd_benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patch", type=int, nargs="+", required=True, help="patch size, 2 or 3 ints")
+    parser.add_argument("--channels", type=int, default=1, help="input channels")
+    parser.add_argument("--classes", type=int, default=2, help="output classes (with background)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--net", nargs="+", required=True, metavar="NAME",
+                        help=f"networks: {', '.join(sorted(NETWORKS))}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=10, help="timed repeats (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler, as nnU-Net on CUDA")
+    parser.add_argument("--json", help="write the results as JSON")
+    parser.add_argument("--csv", help="write the results as CSV")
+    parser.add_argument("--plot", help="write a PNG with throughput and FLOPs per network")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one network, write its result
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.net if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown network(s) {unknown}; known: {', '.join(sorted(NETWORKS))}")
+    if len(args.patch) not in (2, 3):
+        parser.error(f"--patch takes 2 or 3 sizes, got {args.patch}")
+    if args.amp and args.device != "cuda":
+        parser.error("--amp is for --device cuda (fp16 autocast is how nnU-Net trains there)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        result = benchmark_network(args.net[0], args)
+        with atomic_path(args.worker) as tmp, open(tmp, "w") as f:
+            json.dump(result, f)
+        return
+    measure = benchmark_in_subprocess if args.device == "cpu" else benchmark_network
+    results = [measure(name, args) for name in tqdm(args.net, desc="nnScd_benchmark", unit="network")]
+    report = {"device": device_description(args.device), "torch": torch.__version__, "patch_size": args.patch,
+              "batch_size": args.batch, "results": results}
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, report)
+    if args.csv:
+        write_csv(args.csv, results)
+    if args.plot:
+        write_plot(args.plot, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Named networks: name -> builder(in_channels, num_classes, patch_size) -> nn.Module, and, where one exists,
+name -> FLOP model(in_channels, num_classes, patch_size, batch_size=1) -> forward FLOPs.
+
+Register a network by adding it to NETWORKS (and to FLOP_MODELS if its FLOPs can be predicted). Trainers that
+need other sizes (a token size from the plans, say) build `TokenSparseSegmenter(in_channels, num_classes,
+patch_size, dataclasses.replace(CONFIGS[name], token_size=...))`.
+"""
+from dataclasses import replace
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+from torch import nn
+
+from nnscd.networks.flop_model import nnunet_unet_forward_flops, token_sparse_forward_flops
+from nnscd.networks.plain_unet import build_nnunet_unet
+from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
+
+Builder = Callable[[int, int, Sequence[int]], nn.Module]
+
+# Small enough to train on a CPU: 192 wide, 6 deep, token 8, keep 50% after blocks 2 and 4 (25% left).
+SMALL = TokenSparseConfig()
+
+# The paper's ViT-B: 768 wide, 12 deep, 12 heads, token 8, STP after blocks 3, 6 and 9. "Keep 25%" is read as
+# the ratio of EACH stage, compounding as in DynamicViT: 25%, 6.25%, then 1.5625% of all tokens stay live
+# (96^3 patch: 1728 -> 432 -> 108 -> 27 tokens). For the other reading (25% left at the end) use
+# keep_ratios=(0.63, 0.63, 0.63). MTA: one block, 384 wide.
+PAPER = TokenSparseConfig(dim=768, depth=12, heads=12, token_size=8, prune_after=(3, 6, 9),
+                          keep_ratios=(0.25, 0.25, 0.25), mta_dim=384, mta_depth=1, mta_heads=6)
+
+
+def dense(config: TokenSparseConfig) -> TokenSparseConfig:
+    """The dense twin: the same encoder and decoder with no pruning and no MTA."""
+    return replace(config, prune_after=(), keep_ratios=())
+
+
+CONFIGS: dict[str, TokenSparseConfig] = {}
+for suffix, base in (("", SMALL), ("-paper", PAPER)):
+    CONFIGS |= {f"unetr{suffix}": dense(base), f"stpmta{suffix}": base,
+                f"vit-light{suffix}": dense(replace(base, decoder="light")),
+                f"stpmta-light{suffix}": replace(base, decoder="light")}
+
+
+def token_sparse_builder(config: TokenSparseConfig) -> Builder:
+    def build(in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:
+        return TokenSparseSegmenter(in_channels, num_classes, patch_size, config)
+    return build
+
+
+NETWORKS: dict[str, Builder] = {name: token_sparse_builder(c) for name, c in CONFIGS.items()}
+NETWORKS["nnunet-unet"] = build_nnunet_unet
+
+FLOP_MODELS: dict[str, Callable[..., int]] = {name: partial(token_sparse_forward_flops, c)
+                                              for name, c in CONFIGS.items()}
+FLOP_MODELS["nnunet-unet"] = nnunet_unet_forward_flops
+
+
+def build_network(name: str, in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:
+    if name not in NETWORKS:
+        raise KeyError(f"unknown network {name!r}; known: {', '.join(sorted(NETWORKS))}")
+    return NETWORKS[name](in_channels, num_classes, tuple(patch_size))
+
+
+def modelled_forward_flops(name: str, in_channels: int, num_classes: int, patch_size: Sequence[int],
+                           batch_size: int = 1) -> Optional[int]:
+    """Predicted forward FLOPs, or None for a network without a FLOP model."""
+    model = FLOP_MODELS.get(name)
+    return None if model is None else model(in_channels, num_classes, tuple(patch_size), batch_size)

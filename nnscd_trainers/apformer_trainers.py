@@ -1,0 +1,234 @@
+"""APFormer trainers: nnU-Net's pipeline with the APFormer network (nnscd/networks/apformer.py), 2d and 3d_fullres.
+
+- `APFormerTrainer`: APFormer from the plans' patch size; Dice + CE plus APFormer's auxiliary terms (SSA and the
+  foreground head of query pruning); AdamW with warm-up and poly decay computed from the epoch; the pruning rates
+  of every validation pass logged, printed and drawn in `pruning_progress.png`.
+- `APFormerNoPruneTrainer`: the ablation baseline, only the network builder differs (no QP, no DP).
+- `*_cpu`: the same on nnscd's short CPU schedule.
+
+The network returns one tensor, so deep supervision is off (loss and data loader alike) and nnU-Net's
+`train_step` runs unchanged: the auxiliary terms enter through the loss module, which receives the target.
+"""
+import math
+import os
+from typing import Callable, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._dynamo import OptimizedModule
+
+from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
+    build_apformer_noprune
+from nnscd.safe_io import atomic_path
+from nnscd_trainers.nnscd_trainer import CPU_SCHEDULE, nnScdTrainer
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+# Auxiliary loss weights. SSA and the foreground BCE are regularisers beside Dice + CE (each about 0.5-1 at init),
+# so they get a tenth of its weight. The foreground head learns from its BCE alone, and AdamW's per-parameter
+# normalisation makes its learning speed independent of this weight; the weight only limits how much the BCE
+# steers the shared encoder. No sparsity term: the DP gate learns from the segmentation loss (straight-through).
+SSA_WEIGHT = 0.1
+FG_WEIGHT = 0.1
+SPARSITY_WEIGHT = 0.0
+
+PRUNING_KEYS = ("qp_pruned_fraction", "dp_pruned_fraction")  # logged once per epoch, from the validation pass
+
+
+def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int,
+                   exponent: float = 0.9) -> float:
+    """Learning rate of an epoch: linear warm-up to initial_lr over warmup_epochs, then nnU-Net's poly decay."""
+    if epoch < warmup_epochs:
+        return initial_lr * (epoch + 1) / (warmup_epochs + 1)
+    return initial_lr * (1 - (epoch - warmup_epochs) / (num_epochs - warmup_epochs)) ** exponent
+
+
+class WarmupPolyLR:
+    """Sets the learning rate from the epoch alone: nnU-Net's checkpoints keep no scheduler state, so a schedule
+    that counted its own steps would restart its warm-up on `--c`. nnU-Net calls `step(current_epoch)`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, num_epochs: int, warmup_epochs: int):
+        self.optimizer, self.initial_lr = optimizer, initial_lr
+        self.num_epochs, self.warmup_epochs = num_epochs, warmup_epochs
+
+    def step(self, epoch: int) -> None:
+        lr = warmup_poly_lr(epoch, self.initial_lr, self.num_epochs, self.warmup_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class DiceCEWithAPFormerAux(nn.Module):
+    """nnU-Net's Dice + CE, plus `apformer_aux_loss` after training forwards.
+
+    Validation forwards (eval mode) have no SSA and are scored by Dice + CE alone, so nnU-Net's val_loss stays the
+    task loss. The network is reached through a callable (it may be wrapped by DDP or torch.compile later).
+    """
+
+    def __init__(self, seg_loss: nn.Module, network: Callable[[], APFormer], label_manager: LabelManager,
+                 ssa_weight: float, fg_weight: float, sparsity_weight: float):
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.network, self.label_manager = network, label_manager
+        self.ssa_weight, self.fg_weight, self.sparsity_weight = ssa_weight, fg_weight, sparsity_weight
+
+    def foreground(self, target: Tensor) -> Tensor:
+        """What the foreground head learns: labels > 0 (the ignore label counts as foreground, so QP keeps
+        unlabelled positions), or any region (the ignore channel, nnU-Net's last, dropped)."""
+        if not self.label_manager.has_regions:
+            return target
+        return (target[:, :-1] if self.label_manager.has_ignore_label else target).any(1, keepdim=True)
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        loss = self.seg_loss(output, target)
+        net = self.network()
+        if not net.training:
+            return loss
+        return loss + apformer_aux_loss(net, self.foreground(target), self.ssa_weight, self.fg_weight,
+                                        self.sparsity_weight)
+
+    def extra_repr(self) -> str:
+        return f"ssa_weight={self.ssa_weight}, fg_weight={self.fg_weight}, sparsity_weight={self.sparsity_weight}"
+
+
+def _configuration_names(plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> List[str]:
+    return [name for name in plans_manager.available_configurations
+            if plans_manager.get_configuration(name).configuration == configuration_manager.configuration]
+
+
+def check_patch_size(plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> tuple:
+    """The plans' patch size if APFormer can take it (2 or 3 axes, each a multiple of 8); else a ValueError that
+    names the plans, the configuration, the patch and the fix."""
+    patch = tuple(int(s) for s in configuration_manager.patch_size)
+    if len(patch) in (2, 3) and all(s % BOTTLENECK_STRIDE == 0 for s in patch):
+        return patch
+    where = (f"configuration {'/'.join(_configuration_names(plans_manager, configuration_manager)) or '?'} of plans "
+             f"'{plans_manager.plans_name}' ({plans_manager.dataset_name})")
+    if len(patch) not in (2, 3):
+        raise ValueError(f"APFormer is 2D or 3D, but {where} has patch_size {list(patch)}; use a 2d or 3d "
+                         f"configuration")
+    fixed = [math.ceil(s / BOTTLENECK_STRIDE) * BOTTLENECK_STRIDE for s in patch]
+    raise ValueError(
+        f"APFormer needs every patch side divisible by {BOTTLENECK_STRIDE} (three stride-2 stages down to its "
+        f"transformer), but {where} has patch_size {list(patch)}. Fix: set that configuration's patch_size to "
+        f"{fixed} in $nnUNet_preprocessed/{plans_manager.dataset_name}/{plans_manager.plans_name}.json - best in a "
+        f"copy saved as e.g. {plans_manager.plans_name}APFormer.json with \"plans_name\" set to that name, then "
+        f"train with `-p {plans_manager.plans_name}APFormer`. The patch size does not change preprocessing, so the "
+        f"preprocessed data is reused.")
+
+
+class APFormerTrainer(nnScdTrainer):
+    """APFormer (CNN U-Net with a pruned GRPE/SSA transformer at 1/8 resolution) in nnU-Net, 2d and 3d_fullres.
+
+    Recipe: AdamW (lr 1e-3, weight decay 0.01, none on norms, biases, gates and position tables), linear warm-up
+    over the first 5% of epochs, then poly decay, a function of `current_epoch` so `--c` resumes it; nnU-Net's
+    train_step (gradient clipping at 12, fp16 autocast + GradScaler on cuda; the attention softmax is fp32).
+    """
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False  # one output: plain Dice + CE, full-resolution targets only
+        self.initial_lr = 1e-3
+        self.weight_decay = 1e-2
+        self.warmup_fraction = 0.05
+        # nnU-Net's logger takes only the keys it knows; its per-epoch lists are what checkpoints store, so keys
+        # added here survive `--c` with the rest of the history (and reach wandb through logger.log).
+        for key in PRUNING_KEYS:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """APFormer at the plans' patch size (the predictor calls only this; APFormer has no deep supervision)."""
+        patch = check_patch_size(plans_manager, configuration_manager)
+        return build_apformer(num_input_channels, num_output_channels, patch)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """APFormer has a single output."""
+
+    def _apformer(self) -> APFormer:
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    def _build_loss(self) -> nn.Module:
+        return DiceCEWithAPFormerAux(super()._build_loss(), self._apformer, self.label_manager,
+                                     SSA_WEIGHT, FG_WEIGHT, SPARSITY_WEIGHT)
+
+    @property
+    def warmup_epochs(self) -> int:
+        return max(1, round(self.warmup_fraction * self.num_epochs))
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.network.named_parameters():
+            (no_decay if p.ndim <= 1 or "rel_tables" in name else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.initial_lr,
+                                      fused=self.device.type == "cuda")
+        return optimizer, WarmupPolyLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+    def validation_step(self, batch: dict) -> dict:
+        out = super().validation_step(batch)
+        aux = self._apformer().aux  # of this batch's forward, in eval mode: QP really drops queries
+        out["qp_pruned_fraction"] = aux.qp_pruned_fraction.item()
+        out["dp_pruned_fraction"] = aux.dp_pruned_fraction.float().cpu().numpy()  # (depth,)
+        return out
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        qp = [o["qp_pruned_fraction"] for o in val_outputs]
+        dp = [o["dp_pruned_fraction"] for o in val_outputs]
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (qp, dp))
+            qp, dp = [q for g in gathered for q in g[0]], [d for g in gathered for d in g[1]]
+        qp_mean, dp_layers = float(np.mean(qp)), np.mean(np.stack(dp), 0)
+        self.logger.log("qp_pruned_fraction", qp_mean, self.current_epoch)
+        self.logger.log("dp_pruned_fraction", float(dp_layers.mean()), self.current_epoch)
+        self.print_to_log_file(f"Pruned in validation (eval mode): queries {qp_mean:.4f}, dependencies "
+                               f"{dp_layers.mean():.4f} (per layer {np.round(dp_layers, 4).tolist()})")
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.plot_pruning_progress()
+
+    def plot_pruning_progress(self) -> None:
+        """`pruning_progress.png` beside nnU-Net's progress.png: pruning rates and pseudo Dice per epoch."""
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+        log = self.logger.get_value
+        epochs = range(len(log("qp_pruned_fraction", None)))
+        fig = Figure(figsize=(8, 5), dpi=100)
+        ax = fig.subplots()
+        ax.plot(epochs, log("qp_pruned_fraction", None), "b-o", label="queries pruned (QP)")
+        ax.plot(epochs, log("dp_pruned_fraction", None), "r-o", label="dependencies pruned (DP, mean over layers)")
+        ax.plot(epochs, log("ema_fg_dice", None)[:len(epochs)], "g--", label="pseudo Dice (mov. avg.)")
+        ax.set(xlabel="epoch", ylabel="fraction", ylim=(0, 1),
+               title=f"{self.__class__.__name__}: validation batches, eval mode")
+        ax.legend(loc="lower right")
+        with atomic_path(os.path.join(self.output_folder, "pruning_progress.png")) as tmp:
+            fig.savefig(tmp)
+
+
+class APFormerNoPruneTrainer(APFormerTrainer):
+    """The ablation baseline: APFormer without query and dependency pruning (SSA and GRPE stay)."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        patch = check_patch_size(plans_manager, configuration_manager)
+        return build_apformer_noprune(num_input_channels, num_output_channels, patch)
+
+
+class APFormerTrainer_cpu(APFormerTrainer):
+    """APFormerTrainer on the short CPU schedule."""
+    schedule = CPU_SCHEDULE
+
+
+class APFormerNoPruneTrainer_cpu(APFormerNoPruneTrainer):
+    """APFormerNoPruneTrainer on the short CPU schedule."""
+    schedule = CPU_SCHEDULE

@@ -1,0 +1,224 @@
+"""Token-sparse networks: FLOPs against the model, MTA assembly, shapes in 2D/3D, fp16, errors, registry."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nnscd.networks.flop_model import (nnunet_unet_forward_flops, token_sparse_flop_breakdown,
+                                       token_sparse_forward_flops)
+from nnscd.networks.plain_unet import build_nnunet_unet, nnunet_unet_plan
+from nnscd.networks.registry import CONFIGS, FLOP_MODELS, NETWORKS, PAPER, build_network
+from nnscd.networks.soft_topk import num_kept
+from nnscd.networks.token_sparse_vit import (TokenSparseConfig, TokenSparseSegmenter, tap_blocks,
+                                             upsampling_strides)
+
+TINY = TokenSparseConfig(dim=48, depth=4, heads=2, token_size=4, prune_after=(1, 2), keep_ratios=(0.5, 0.5),
+                         min_tokens=2, mta_dim=24, mta_heads=2, num_samples=16, decoder_features=8)
+
+
+def measured_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net.eval()(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("decoder", ["unetr", "light"])
+def test_measured_flops_fall_with_keep_ratio_exactly_as_modelled(decoder):
+    """Tolerance: none. The FLOP model counts what FlopCounterMode counts, so the integers must be equal; that
+    only holds if pruning really shortens the sequences (a masked dense sequence would not pass)."""
+    torch.manual_seed(0)
+    patch, x = (16, 32, 32), torch.randn(2, 1, 16, 32, 32)
+    flops = []
+    for keep in (1.0, 0.5, 0.25):
+        config = replace(TINY, decoder=decoder, token_size=(2, 4, 4), keep_ratios=(keep, keep))
+        measured = measured_flops(TokenSparseSegmenter(1, 3, patch, config), x)
+        assert measured == token_sparse_forward_flops(config, 1, 3, patch, batch_size=2)
+        flops.append(measured)
+    assert flops[0] > flops[1] > flops[2]
+
+
+@pytest.mark.parametrize("decoder", ["unetr", "light"])
+def test_keep_one_costs_the_dense_twin_plus_only_the_stp_mta_overhead(decoder):
+    """At keep 1.0 encoder and decoder FLOPs equal the dense twin's; the difference is exactly the modelled
+    scorers, skip assemblies and MTA."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 16, 16, 16)
+    sparse = replace(TINY, decoder=decoder, keep_ratios=(1.0, 1.0))
+    dense = replace(sparse, prune_after=(), keep_ratios=())
+    parts = token_sparse_flop_breakdown(sparse, 2, 3, (16, 16, 16))
+    overhead = parts["scorers"] + parts["skip_assemblies"] + parts["mta"]
+    assert overhead > 0
+    dense_flops = measured_flops(TokenSparseSegmenter(2, 3, (16, 16, 16), dense), x)
+    assert measured_flops(TokenSparseSegmenter(2, 3, (16, 16, 16), sparse), x) - overhead == dense_flops
+    assert dense_flops == token_sparse_forward_flops(dense, 2, 3, (16, 16, 16))
+
+
+def test_blocks_run_on_gathered_shorter_sequences():
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), TINY).eval()
+    lengths = []
+    for block in net.encoder.blocks:
+        block.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        net(torch.randn(2, 1, 16, 16, 16))
+    after_one = num_kept(64, 0.5, 2)
+    assert lengths == [64, after_one, num_kept(after_one, 0.5, 2), num_kept(after_one, 0.5, 2)]
+
+
+def test_nnunet_unet_follows_the_planner_and_its_flop_model():
+    plan = nnunet_unet_plan((96, 96, 96))
+    assert plan["features"] == [32, 64, 128, 256, 320]  # 96 -> 48 -> 24 -> 12 -> 6 (halve while >= 8)
+    assert plan["strides"] == [(1, 1, 1)] + [(2, 2, 2)] * 4
+    assert nnunet_unet_plan((16, 64, 64))["strides"][1:] == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2)]
+    assert nnunet_unet_plan((24, 40))["strides"][1:] == [(2, 2), (2, 2), (1, 2)]  # 40 -> 5 is odd: stop
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert measured_flops(build_nnunet_unet(1, 3, (32, 32, 32)), x) == nnunet_unet_forward_flops(1, 3, (32, 32, 32))
+
+
+def test_mta_returns_the_full_sequence_and_pruned_tokens_carry_their_stage_features():
+    torch.manual_seed(1)
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), TINY).eval()
+    seen = {}
+    for s, stage in enumerate(net.encoder.stages):
+        stage.register_forward_hook(lambda m, args, out, s=s: seen.update({f"in{s}": args[0], f"out{s}": out}))
+    net.mta.assemble.register_forward_hook(lambda m, args, out: seen.update(sources=args[0], assembled=out))
+    net.mta.register_forward_hook(lambda m, args, out: seen.update(mta=out))
+    with torch.no_grad():
+        net(torch.randn(2, 1, 16, 16, 16))
+    B, L, D = 2, 64, TINY.dim
+    assert seen["mta"].shape == (B, L, D)
+    sources = seen["sources"]
+    assert len(sources) == 3  # pruned at stage 0, pruned at stage 1, survivors
+    positions = torch.cat([s.positions for s in sources], dim=1)
+    assert torch.equal(positions.sort(dim=1).values, torch.arange(L).expand(B, L))  # every position exactly once
+    for s in range(2):  # pruned tokens: the features they had when stage s pruned them
+        live_in, (_, dropped) = seen[f"in{s}"], seen[f"out{s}"]
+        assert sources[s] is dropped
+        rows = (live_in.positions.unsqueeze(2) == dropped.positions.unsqueeze(1)).float().argmax(1)  # (B, n)
+        assert torch.equal(dropped.features, live_in.features.gather(1, rows.unsqueeze(-1).expand(-1, -1, D)))
+    assembly = net.mta.assemble
+    expected = torch.zeros(B, L, TINY.mta_dim)
+    for s, source in enumerate(sources):  # each source through its own norm + linear + embedding, at its position
+        feats = assembly.projs[s](assembly.norms[s](source.features)) + assembly.source_embed[s]
+        for b in range(B):
+            expected[b, source.positions[b]] = feats[b]
+    assert torch.allclose(seen["assembled"], expected, atol=1e-6)
+
+
+def test_each_unetr_skip_level_gets_its_own_assembly():
+    """The fix over the published code: a skip fed from block t sees the tokens pruned before t with their
+    stage features and the live ones with block t's features, through its own assembly."""
+    config = replace(TINY, token_size=8, depth=6, prune_after=(1, 3), decoder_features=4)  # taps 2, 4, 6
+    net = TokenSparseSegmenter(1, 2, (16, 32, 32), config).eval()
+    assert net.taps == (2, 4, 6)
+    assert {k: len(a.projs) for k, a in net.skip_assemblies.items()} == {"2": 2, "4": 3}
+    maps = {}
+    net.decoder.register_forward_hook(lambda m, args, out: maps.update(maps=args[1]))
+    for key, assembly in net.skip_assemblies.items():
+        assembly.register_forward_hook(lambda m, args, out, key=key: maps.update({key: out}))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 16, 32, 32))
+    assert len(maps["maps"]) == 3
+    for i, key in enumerate(("2", "4")):
+        assert torch.equal(maps["maps"][i].flatten(2).transpose(1, 2), maps[key])
+    assert not torch.allclose(maps["maps"][0], maps["maps"][1])
+
+
+CASES = [  # (patch, token size): 3D anisotropic, 3D isotropic, 2D
+    ((16, 32, 32), (4, 8, 8)),
+    ((16, 16, 16), 4),
+    ((32, 48), 8),
+]
+
+
+@pytest.mark.parametrize("patch,token", CASES)
+@pytest.mark.parametrize("decoder", ["unetr", "light"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_shapes_2d_3d_batch_and_anisotropic_tokens(patch, token, decoder, sparse):
+    torch.manual_seed(2)
+    config = replace(TINY, token_size=token, decoder=decoder)
+    if not sparse:
+        config = replace(config, prune_after=(), keep_ratios=())
+    net = TokenSparseSegmenter(2, 3, patch, config).train()
+    x = torch.randn(2, 2, *patch)
+    out = net(x)
+    assert out.shape == (2, 3, *patch)
+    out.mean().backward()
+    L = net.pos.table.shape[0]
+    assert len(net.last_keep_indices) == (2 if sparse else 0)
+    live = L
+    for kept in net.last_keep_indices:
+        live = num_kept(live, 0.5, TINY.min_tokens)
+        assert kept.shape == (2, live) and kept.max() < L
+        assert all(len(set(row.tolist())) == live for row in kept)
+
+
+def test_decoder_levels_follow_the_largest_token_side():
+    assert upsampling_strides((4, 16, 16)) == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2)]
+    assert len(upsampling_strides((8, 8, 8))) == 3 and len(upsampling_strides((4, 4))) == 2
+    assert tap_blocks(12, 4) == (3, 6, 9, 12) and tap_blocks(12, 3) == (4, 8, 12) and tap_blocks(12, 1) == (12,)
+
+
+def test_input_of_another_divisible_size_works():
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), TINY).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 24, 16, 32)).shape == (1, 2, 24, 16, 32)
+
+
+@pytest.mark.parametrize("decoder", ["unetr", "light"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fp16_autocast_forward_is_finite_and_close_to_fp32(decoder, training):
+    torch.manual_seed(3)
+    net = TokenSparseSegmenter(1, 3, (16, 32, 32), replace(TINY, decoder=decoder)).train(training)
+    x = 10 * torch.randn(2, 1, 16, 32, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = net(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    if not training:  # deterministic: compare with fp32
+        with torch.no_grad():
+            reference = net(x)
+        # fp16 may flip a near-tie in the (untrained) scores, so a few kept tokens differ: compare on average
+        assert (out.float() - reference).abs().mean() <= 0.01 * reference.abs().max()
+        dense = TokenSparseSegmenter(1, 3, (16, 32, 32), replace(net.config, prune_after=(), keep_ratios=())).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            out = dense(x)
+        reference = dense(x)
+        assert (out.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_inference_is_deterministic_and_training_selects_the_same_tokens():
+    torch.manual_seed(4)
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), TINY)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        first = net.eval()(x)
+        keep = [k.clone() for k in net.last_keep_indices]
+        assert torch.equal(net(x), first)
+        net.train()(x)
+    assert all(torch.equal(a, b) for a, b in zip(keep, net.last_keep_indices))
+
+
+def test_patch_not_divisible_by_token_size_raises_a_clear_error():
+    with pytest.raises(ValueError) as error:
+        TokenSparseSegmenter(1, 2, (32, 32, 30), replace(TINY, token_size=8))
+    message = str(error.value)
+    assert "(32, 32, 30)" in message and "(8, 8, 8)" in message and "axis 2" in message and "32" in message
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), TINY)
+    with pytest.raises(ValueError, match=r"axis 1"):
+        net(torch.randn(1, 1, 16, 18, 16))
+
+
+def test_registry_names_builders_and_paper_setting():
+    names = {"unetr", "stpmta", "vit-light", "stpmta-light", "nnunet-unet"}
+    assert names | {f"{n}-paper" for n in names - {"nnunet-unet"}} <= set(NETWORKS) == set(FLOP_MODELS)
+    assert PAPER.dim == 768 and PAPER.depth == 12 and PAPER.heads == 12 and PAPER.token_size == 8
+    assert PAPER.prune_after == (3, 6, 9) and PAPER.keep_ratios == (0.25, 0.25, 0.25)
+    assert not CONFIGS["unetr-paper"].sparse and CONFIGS["vit-light-paper"].decoder == "light"
+    assert replace(CONFIGS["stpmta-paper"], prune_after=(), keep_ratios=()) == CONFIGS["unetr-paper"]
+    net = build_network("stpmta-light", 1, 2, (16, 16, 16))
+    assert isinstance(net, TokenSparseSegmenter) and net.config == CONFIGS["stpmta-light"]
+    # best case at the paper's patch: the sparse network needs well under half the dense twin's FLOPs
+    assert FLOP_MODELS["stpmta-light-paper"](1, 14, (96, 96, 96)) < 0.4 * FLOP_MODELS["vit-light-paper"](1, 14, (96, 96, 96))
+    with pytest.raises(KeyError, match="known"):
+        build_network("nope", 1, 2, (16, 16, 16))

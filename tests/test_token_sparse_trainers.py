@@ -1,0 +1,86 @@
+"""STP+MTA trainers inside nnU-Net: network building from plans, schedule, keep statistics, end to end."""
+import json
+import re
+
+import pytest
+import torch
+
+import nnscd_trainers
+from conftest import DATASET, DATASET_ID, mean_dice, run_command
+from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
+from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer, WarmupPolyLR, kept_foreground_share
+
+TOKEN_TRAINERS = [getattr(nnscd_trainers, n) for n in nnscd_trainers.__all__
+                  if issubclass(getattr(nnscd_trainers, n), TokenSparseTrainer) and "paper" not in n]
+
+
+def _configuration_manager(patch, token_size=None):
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    config = {"patch_size": patch, "spacing": [1.0] * len(patch), "batch_size": 2}
+    if token_size:
+        config["token_size"] = token_size
+    return ConfigurationManager(config)
+
+
+@pytest.mark.parametrize("trainer", TOKEN_TRAINERS, ids=lambda t: t.__name__)
+def test_each_trainer_builds_its_network_from_the_plans(trainer):
+    net = trainer.build_network_architecture(None, _configuration_manager([16, 32, 32], [4, 8, 8]), 2, 3, False)
+    assert isinstance(net, TokenSparseSegmenter) and net.token_size == (4, 8, 8)
+    assert net.config.sparse == ("STPMTA" in trainer.__name__)
+    with torch.no_grad():
+        assert net.eval()(torch.randn(2, 2, 16, 32, 32)).shape == (2, 3, 16, 32, 32)
+
+
+def test_variants_change_only_what_they_name():
+    base = nnscd_trainers.STPMTATrainer.network_config([8, 8, 8])
+    assert nnscd_trainers.STPMTATrainer_keep25.network_config([8, 8, 8]).keep_ratios == (0.25, 0.25)
+    gumbel = nnscd_trainers.STPMTATrainer_gumbel.network_config([8, 8, 8])
+    assert gumbel.estimator == "gumbel" and gumbel.keep_ratios == base.keep_ratios
+    paper = nnscd_trainers.STPMTATrainer_paper.network_config([8, 8, 8])
+    assert (paper.dim, paper.depth, paper.heads, paper.prune_after) == (768, 12, 12, (3, 6, 9))
+
+
+def test_learning_rate_is_a_function_of_the_epoch_so_resuming_keeps_it():
+    def lrs(start, stop):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = WarmupPolyLR(optimizer, 1e-3, max_epochs=20, warmup=3)
+        out = []
+        for epoch in range(start, stop):
+            scheduler.step(epoch)  # what nnU-Net's on_train_epoch_start does
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    straight = lrs(0, 20)
+    assert straight[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # warm-up, then the peak
+    assert all(a > b for a, b in zip(straight[3:], straight[4:]))  # then poly decay
+    assert lrs(7, 20) == pytest.approx(straight[7:])  # a fresh scheduler at epoch 7 (as after --c)
+
+
+def test_kept_foreground_share_counts_foreground_tokens_kept():
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, :4, :4] = 1  # one foreground token of four (token 4x4, grid 2x2)
+    keep = [torch.tensor([[0, 3]]), torch.tensor([[3]])]
+    assert kept_foreground_share(keep, target, (4, 4)).tolist() == [1.0, 0.0]
+
+
+def test_stpmta_end_to_end_train_predict_evaluate(nnunet_env, planned_dataset, tmp_path):
+    trainer = "STPMTATrainer_cpu"
+    run_command(["nnScd_train", str(DATASET_ID), "3d_fullres", "3", "-tr", trainer, "-device", "cpu",
+                 "-p", "nnScdPlans"], nnunet_env)
+    model = planned_dataset.parents[1] / "nnUNet_results" / DATASET / f"{trainer}__nnScdPlans__3d_fullres"
+    log = next((model / "fold_3").glob("training_log_*.txt")).read_text()
+    stats = [json.loads(s) for s in re.findall(r"Foreground tokens kept per pruning stage: (\[[^\]]*\])", log)]
+    assert len(stats) == 5 and all(len(s) == 2 for s in stats)  # every epoch, both pruning stages
+    assert (model / "fold_3" / "token_keep_progress.png").stat().st_size > 10_000
+    plans = json.loads((model / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["token_size"] == [8, 8, 8]
+
+    out = tmp_path / "pred"
+    run_command(["nnScd_predict", "-i", str(planned_dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                 "-c", "3d_fullres", "-tr", trainer, "-p", "nnScdPlans", "-f", "3", "-device", "cpu",
+                 "-npp", "0", "-nps", "0", "--disable_tta"], nnunet_env)
+    run_command(["nnScd_evaluate_folder", str(planned_dataset / "labelsTs"), str(out), "-djfile",
+                 str(model / "dataset.json"), "-pfile", str(model / "plans.json"), "-np", "1"], nnunet_env)
+    dice = mean_dice(out / "summary.json")
+    assert min(dice.values()) > 0.2, dice  # 50 iterations of a ViT from scratch: learning, not yet converged

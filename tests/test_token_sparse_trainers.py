@@ -17,7 +17,8 @@ TOKEN_TRAINERS = [getattr(nnscd_trainers, n) for n in nnscd_trainers.__all__
 def _configuration_manager(patch, token_size=None):
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-    config = {"patch_size": patch, "spacing": [1.0] * len(patch), "batch_size": 2}
+    config = {"patch_size": patch, "spacing": [1.0] * len(patch), "batch_size": 2,
+              "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []}}
     if token_size:
         config["token_size"] = token_size
     return ConfigurationManager(config)

@@ -1,16 +1,17 @@
 """nnU-Net trainers of nnscd. Every class named in __all__ is found by `-tr NAME` in all nnScd_ commands."""
-from nnscd_trainers.nnscd_trainer import nnScdTrainer, nnScdTrainer_cpu
+from nnscd_trainers.nnscd_trainer import nnScdTrainer, nnScdTrainer_budget, nnScdTrainer_cpu
 from nnscd_trainers.apformer_trainers import (APFormerNoPruneTrainer, APFormerNoPruneTrainer_cpu, APFormerTrainer,
                                                 APFormerTrainer_cpu)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
-    STPMTATrainer_demo,
+    STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
     STPMTATrainer_gumbel, STPMTATrainer_keep25, STPMTATrainer_keep75, STPMTATrainer_paper, UNETRTrainer,
     UNETRTrainer_cpu, UNETRTrainer_paper, ViTLightTrainer, ViTLightTrainer_cpu, ViTLightTrainer_paper)
 
-__all__ = ["nnScdTrainer", "nnScdTrainer_cpu",
+__all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
            "STPMTATrainer", "UNETRTrainer", "STPMTALightTrainer", "ViTLightTrainer",
            "STPMTATrainer_paper", "UNETRTrainer_paper", "STPMTALightTrainer_paper", "ViTLightTrainer_paper",
            "STPMTATrainer_keep75", "STPMTATrainer_keep25", "STPMTATrainer_gumbel",
-           "STPMTATrainer_cpu", "STPMTATrainer_demo", "UNETRTrainer_cpu", "STPMTALightTrainer_cpu", "ViTLightTrainer_cpu"]
+           "STPMTATrainer_cpu", "STPMTATrainer_demo", "STPMTATrainer_budget", "UNETRTrainer_budget",
+           "STPMTALightTrainer_budget", "ViTLightTrainer_budget", "UNETRTrainer_cpu", "STPMTALightTrainer_cpu", "ViTLightTrainer_cpu"]

@@ -9,6 +9,8 @@ from nnscd.safe_io import atomic_path
 
 # (epochs, training iterations per epoch, validation iterations per epoch): minutes on a 2-core CPU
 CPU_SCHEDULE = (5, 10, 5)
+# The short budget that every trainer of the CPU Hippocampus comparison gets (documentation/results)
+BUDGET_SCHEDULE = (10, 25, 10)
 
 
 class nnScdTrainer(nnUNetTrainer):
@@ -38,3 +40,7 @@ class nnScdTrainer(nnUNetTrainer):
 class nnScdTrainer_cpu(nnScdTrainer):
     """nnU-Net's U-Net on a short schedule: for trying the whole workflow on a CPU."""
     schedule = CPU_SCHEDULE
+
+
+class nnScdTrainer_budget(nnScdTrainer):
+    schedule = BUDGET_SCHEDULE

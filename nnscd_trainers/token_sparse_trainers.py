@@ -24,7 +24,7 @@ from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.progress_plots import plot_per_epoch
 from nnscd.token_planning import apply_token_plan, token_plan_for
-from nnscd_trainers.nnscd_trainer import CPU_SCHEDULE, nnScdTrainer
+from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, nnScdTrainer
 
 
 class WarmupPolyLR(_LRScheduler):
@@ -219,3 +219,19 @@ class STPMTALightTrainer_cpu(STPMTALightTrainer):
 
 class ViTLightTrainer_cpu(ViTLightTrainer):
     schedule = CPU_SCHEDULE
+
+
+class STPMTATrainer_budget(STPMTATrainer):
+    schedule = BUDGET_SCHEDULE
+
+
+class UNETRTrainer_budget(UNETRTrainer):
+    schedule = BUDGET_SCHEDULE
+
+
+class STPMTALightTrainer_budget(STPMTALightTrainer):
+    schedule = BUDGET_SCHEDULE
+
+
+class ViTLightTrainer_budget(ViTLightTrainer):
+    schedule = BUDGET_SCHEDULE

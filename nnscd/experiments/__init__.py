@@ -1,0 +1,1 @@
+"""Rerunnable experiments whose summaries are committed under documentation/results/."""

@@ -1,0 +1,164 @@
+"""CPU comparison on MSD Task04 Hippocampus, fold 0: STP+MTA trainers, their dense twins and nnU-Net's U-Net.
+
+Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE; batch and patch from nnScdPlans), is
+trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict and is evaluated with nnU-Net's
+metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
+against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop, wall times.
+
+    python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus --out documentation/results
+
+Finished steps are skipped when rerun (trained folds, predictions, ablations), so an interrupted run continues.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnscd.paths import settle_environment
+from nnscd.safe_io import atomic_path
+
+DATASET_ID, DATASET = "4", "Dataset004_Hippocampus"
+CONFIG, PLANS, FOLD = "3d_fullres", "nnScdPlans", "0"
+# trainer -> its dense twin (None: a reference without a twin)
+TRAINERS: Dict[str, Optional[str]] = {
+    "nnScdTrainer_budget": None,
+    "UNETRTrainer_budget": None,
+    "STPMTATrainer_budget": "UNETRTrainer_budget",
+    "ViTLightTrainer_budget": None,
+    "STPMTALightTrainer_budget": "ViTLightTrainer_budget",
+}
+LABELS = {"1": "Anterior", "2": "Posterior"}
+
+
+def _run(command: List[str]) -> float:
+    """Run an nnScd_ console script, return its wall time."""
+    print(f"\n$ {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], check=True)
+    return time.time() - start
+
+
+def _linked_folder(folder: Path, files: List[Path]) -> Path:
+    """A folder of symlinks: nnScd_predict and the evaluation take folders, the cases are a subset of imagesTr."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def _per_case_dice(summary_file: Path) -> Dict[str, float]:
+    """Case -> mean foreground Dice."""
+    cases = json.loads(summary_file.read_text())["metric_per_case"]
+    return {Path(c["reference_file"]).name: float(np.mean([c["metrics"][k]["Dice"] for k in LABELS])) for c in cases}
+
+
+def paired_difference(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
+    """Mean of a - b over the shared cases with its 95% t-interval."""
+    from scipy import stats
+
+    diff = np.array([a[k] - b[k] for k in sorted(a)])
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return {"mean": float(diff.mean()), "ci95_low": float(diff.mean() - half), "ci95_high": float(diff.mean() + half),
+            "cases": len(diff)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--msd", required=True, help="the MSD Task04_Hippocampus folder")
+    parser.add_argument("--out", required=True, help="where the JSON and Markdown summaries go")
+    parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    args = parser.parse_args()
+    settle_environment(cpu=True)
+    raw, results = Path(os.environ["nnUNet_raw"]) / DATASET, Path(os.environ["nnUNet_results"]) / DATASET
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / DATASET
+
+    if not (raw / "dataset.json").is_file():
+        _run(["nnScd_convert_MSD_dataset", "-i", args.msd, "-np", "2"])
+    if not (preprocessed / f"{PLANS}.json").is_file():
+        _run(["nnScd_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG, "-np", "2", "-npfp", "2",
+              "--verify_dataset_integrity"])
+
+    work = results / "nnscd_fold0_comparison"
+    record_file = work / "record.json"  # wall times survive a rerun that skips finished steps
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    for trainer in args.trainers:
+        model = results / f"{trainer}__{PLANS}__{CONFIG}"
+        entry = record.setdefault(trainer, {})
+        if not (model / f"fold_{FOLD}" / "checkpoint_final.pth").is_file():
+            entry["train_wall_s"] = _run(["nnScd_train", DATASET_ID, CONFIG, FOLD, "-tr", trainer, "-p", PLANS,
+                                          "-device", "cpu"])
+        split = json.loads((preprocessed / "splits_final.json").read_text())[int(FOLD)]["val"]
+        images = _linked_folder(work / "images", [raw / "imagesTr" / f"{c}_0000.nii.gz" for c in split])
+        labels = _linked_folder(work / "labels", [raw / "labelsTr" / f"{c}.nii.gz" for c in split])
+        prediction = work / trainer
+        if not (prediction / "summary.json").is_file():
+            entry["predict_wall_s"] = _run(["nnScd_predict", "-i", str(images), "-o", str(prediction), "-d",
+                                            DATASET_ID, "-c", CONFIG, "-tr", trainer, "-p", PLANS, "-f", FOLD,
+                                            "-device", "cpu", "-npp", "0", "-nps", "0"])
+            _run(["nnScd_evaluate_folder", str(labels), str(prediction), "-djfile", str(model / "dataset.json"),
+                  "-pfile", str(model / "plans.json"), "-np", "2"])
+        if trainer != "nnScdTrainer_budget" and not (work / f"ablation_{trainer}" / "ablation.json").is_file():
+            _run(["nnScd_attention_ablation", "-m", str(model), "-f", FOLD, "-i", str(images), "-ref", str(labels),
+                  "-o", str(work / f"ablation_{trainer}"), "-device", "cpu"])
+        work.mkdir(parents=True, exist_ok=True)
+        with atomic_path(str(record_file)) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2))
+
+    summary = summarise(work, record, args.trainers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(str(out / "hippocampus_fold0_cpu.json")) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2))
+    with atomic_path(str(out / "hippocampus_fold0_cpu.md")) as tmp:
+        Path(tmp).write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def summarise(work: Path, record: dict, trainers: List[str]) -> dict:
+    from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE
+
+    rows, per_case = {}, {}
+    for trainer in trainers:
+        summary = json.loads((work / trainer / "summary.json").read_text())
+        per_case[trainer] = _per_case_dice(work / trainer / "summary.json")
+        rows[trainer] = {"dice": {LABELS[k]: summary["mean"][k]["Dice"] for k in LABELS},
+                         "mean_fg_dice": summary["foreground_mean"]["Dice"], **record.get(trainer, {})}
+        ablation = work / f"ablation_{trainer}" / "ablation.json"
+        if ablation.is_file():
+            rows[trainer]["attention_ablation"] = json.loads(ablation.read_text())
+    for trainer, twin in TRAINERS.items():
+        if twin is not None and trainer in rows and twin in rows:
+            rows[trainer]["paired_vs_dense_twin"] = {"twin": twin,
+                                                     **paired_difference(per_case[trainer], per_case[twin])}
+    return {"dataset": DATASET, "configuration": CONFIG, "plans": PLANS, "fold": int(FOLD),
+            "schedule_epochs_iterations_val": list(BUDGET_SCHEDULE), "machine": f"{platform.processor() or 'cpu'}, "
+            f"{os.cpu_count()} cores, CPU only", "command": "python -m nnscd.experiments.hippocampus --msd "
+            "../shared/data/Task04_Hippocampus --out documentation/results", "trainers": rows}
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"Fold {summary['fold']} of {summary['dataset']} ({summary['configuration']}, plans {summary['plans']}), "
+             f"schedule {summary['schedule_epochs_iterations_val']} (epochs, iterations, validation iterations), "
+             f"{summary['machine']}.", "",
+             "| trainer | Dice Anterior | Dice Posterior | mean | vs dense twin (mean, 95% CI) | train s | predict s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in summary["trainers"].items():
+        paired = row.get("paired_vs_dense_twin")
+        vs = (f"{paired['mean']:+.4f} [{paired['ci95_low']:+.4f}, {paired['ci95_high']:+.4f}] vs {paired['twin']}"
+              if paired else "")
+        lines.append(f"| {name} | {row['dice']['Anterior']:.4f} | {row['dice']['Posterior']:.4f} | "
+                     f"{row['mean_fg_dice']:.4f} | {vs} | {row.get('train_wall_s', float('nan')):.0f} | "
+                     f"{row.get('predict_wall_s', float('nan')):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

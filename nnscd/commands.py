@@ -58,7 +58,7 @@ def _prepare(argv: List[str], takes_device: bool = False) -> None:
 
     device = _flag(argv, "-device", "cuda") if takes_device else None
     settle_environment(cpu=device == "cpu" or not torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and "-h" not in argv and "--help" not in argv:
         fail("CUDA is not available on this machine. Add `-device cpu` (nnU-Net's flag) to run on the CPU.")
 
 

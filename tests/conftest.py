@@ -60,3 +60,11 @@ def trained_model(nnunet_env, planned_dataset) -> Path:
         run_command(["nnScd_train", str(DATASET_ID), CONFIG, fold, "-tr", TRAINER, "-device", "cpu", "--npz"],
                     nnunet_env)
     return Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}"
+
+
+@pytest.fixture(scope="session")
+def trained_stpmta(nnunet_env, planned_dataset) -> Path:
+    """Fold 3 of the 50-iteration CPU STP+MTA trainer on the token-aware plans, shared by the tests that need one."""
+    run_command(["nnScd_train", str(DATASET_ID), CONFIG, "3", "-tr", "STPMTATrainer_cpu", "-p", "nnScdPlans",
+                 "-device", "cpu"], nnunet_env)
+    return Path(nnunet_env["nnUNet_results"]) / DATASET / f"STPMTATrainer_cpu__nnScdPlans__{CONFIG}"

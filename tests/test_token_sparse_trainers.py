@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nnscd_trainers
-from conftest import DATASET, DATASET_ID, mean_dice, run_command
+from conftest import DATASET_ID, mean_dice, run_command
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer, WarmupPolyLR, kept_foreground_share
 
@@ -65,11 +65,8 @@ def test_kept_foreground_share_counts_foreground_tokens_kept():
     assert kept_foreground_share(keep, target, (4, 4)).tolist() == [1.0, 0.0]
 
 
-def test_stpmta_end_to_end_train_predict_evaluate(nnunet_env, planned_dataset, tmp_path):
-    trainer = "STPMTATrainer_cpu"
-    run_command(["nnScd_train", str(DATASET_ID), "3d_fullres", "3", "-tr", trainer, "-device", "cpu",
-                 "-p", "nnScdPlans"], nnunet_env)
-    model = planned_dataset.parents[1] / "nnUNet_results" / DATASET / f"{trainer}__nnScdPlans__3d_fullres"
+def test_stpmta_end_to_end_train_predict_evaluate(nnunet_env, planned_dataset, trained_stpmta, tmp_path):
+    trainer, model = "STPMTATrainer_cpu", trained_stpmta
     log = next((model / "fold_3").glob("training_log_*.txt")).read_text()
     stats = [json.loads(s) for s in re.findall(r"Foreground tokens kept per pruning stage: (\[[^\]]*\])", log)]
     assert len(stats) == 5 and all(len(s) == 2 for s in stats)  # every epoch, both pruning stages

@@ -2,11 +2,14 @@
 
 For each network: training step (forward, backward, AdamW step) and inference (torch.inference_mode) as the
 median of repeats after warm-up, peak memory, forward FLOPs measured by FlopCounterMode and predicted by the
-FLOP model, and parameters. On CUDA all networks run in this process (peak = max allocated, reset per
-network); on CPU each runs in a fresh subprocess with the same seeded input, so that the peak resident memory
-(ru_maxrss) is its own.
+FLOP model, and parameters.
 
-`measure_network` is the reusable core: a dataset mode hands it a real batch and the trainer's loss.
+Timing runs all networks in this process on one input, taking turns every repeat, so that each sees the same
+machine load on average (a shared CPU, GPU clocks): the ratios stay fair when absolute times drift. Peak memory
+is measured per network alone: on CUDA as max allocated over one training step and one inference; on CPU in a
+fresh subprocess (ru_maxrss), so that it is that network's own peak (the interpreter with torch included).
+
+`measure_network` measures one network end to end; a dataset mode hands it a real batch and the trainer's loss.
 """
 import argparse
 import csv
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from nnscd.safe_io import atomic_path
 
 RESULT_KEYS = ("name", "params", "gflops_forward", "gflops_model", "train_step_s", "train_samples_per_s",
                "infer_samples_per_s", "peak_memory_mb")
+Loss = Callable[[Tensor, Tensor], Tensor]
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,18 +42,63 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(step: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of `step` over `iters` repeats, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def train_step_fn(net: nn.Module, x: Tensor, target: Tensor, amp: bool, loss_fn: Loss) -> Callable[[], None]:
+    """One training step: forward, loss, backward, AdamW. With `amp`, fp16 autocast + GradScaler (nnU-Net on CUDA).
+
+    AdamW is the fused kernel: the default per-tensor loop costs seconds per step for a ViT-B on a CPU, the same
+    for every network, and would hide the differences being measured.
+    """
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp)
+
+    def step() -> None:
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def infer_step_fn(net: nn.Module, x: Tensor, amp: bool) -> Callable[[], None]:
+    def step() -> None:
+        net.eval()
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+            net(x)
+    return step
+
+
+def interleaved_medians(steps: Mapping[str, Callable[[], None]], iters: int, warmup: int, device: torch.device,
+                        on_step: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall seconds of each step over `iters` repeats after `warmup` untimed ones; the steps take turns
+    every repeat, so a load change on the machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(warmup + iters):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if repeat >= warmup:
+                times[name].append(time.perf_counter() - start)
+            on_step()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_timings(nets: Mapping[str, nn.Module], x: Tensor, target: Tensor, iters: int, warmup: int,
+                    device: torch.device, amp: bool = False, loss_fn: Loss = F.cross_entropy,
+                    on_step: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """Training-step and inference timings of several networks on one batch, interleaved."""
+    x, target = x.to(device), target.to(device)
+    train = interleaved_medians({n: train_step_fn(net, x, target, amp, loss_fn) for n, net in nets.items()},
+                                iters, warmup, device, on_step)
+    infer = interleaved_medians({n: infer_step_fn(net, x, amp) for n, net in nets.items()},
+                                iters, warmup, device, on_step)
+    batch = x.shape[0]
+    return {n: {"train_step_s": train[n], "train_samples_per_s": batch / train[n],
+                "infer_samples_per_s": batch / infer[n]} for n in nets}
 
 
 def forward_flops(net: nn.Module, x: Tensor) -> int:
@@ -68,64 +117,72 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_network(net: nn.Module, x: Tensor, target: Tensor, iters: int, warmup: int, device: torch.device,
-                    amp: bool = False, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> dict:
-    """Time a training step and inference of `net` on the batch (x, target); also FLOPs, params, peak memory.
-
-    With `amp`, both run under fp16 autocast and the step uses a GradScaler, as nnU-Net trains on CUDA.
-    """
+def measure_static(net: nn.Module, x: Tensor, target: Tensor, device: torch.device, amp: bool = False,
+                   loss_fn: Loss = F.cross_entropy) -> dict:
+    """Parameters, measured forward FLOPs, and peak memory over one training step and one inference."""
     net, x, target = net.to(device), x.to(device), target.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batch = x.shape[0]
     flops = forward_flops(net, x)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(net(x), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    def infer_step() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            net(x)
-
-    net.train()
-    train_s = median_seconds(train_step, iters, warmup, device)
-    net.eval()
-    infer_s = median_seconds(infer_step, iters, warmup, device)
+    train_step_fn(net, x, target, amp, loss_fn)()
+    infer_step_fn(net, x, amp)()
+    synchronize(device)
     return {"params": sum(p.numel() for p in net.parameters()), "gflops_forward": flops / 1e9,
-            "train_step_s": train_s, "train_samples_per_s": batch / train_s, "infer_samples_per_s": batch / infer_s,
             "peak_memory_mb": peak_memory_mb(device)}
 
 
-def benchmark_network(name: str, args: argparse.Namespace) -> dict:
-    """Build `name` and measure it on the seeded random batch every network of this run gets."""
+def measure_network(net: nn.Module, x: Tensor, target: Tensor, iters: int, warmup: int, device: torch.device,
+                    amp: bool = False, loss_fn: Loss = F.cross_entropy) -> dict:
+    """Everything about one network on the batch (x, target): params, FLOPs, peak memory, timings."""
+    static = measure_static(net, x, target, device, amp, loss_fn)
+    return {**static, **measure_timings({"net": net}, x, target, iters, warmup, device, amp, loss_fn)["net"]}
+
+
+def seeded_batch(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    """The input every network of a run gets, in this process or a worker."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.channels, *args.patch, generator=generator)
+    return x, torch.randint(0, args.classes, (args.batch, *args.patch), generator=generator)
+
+
+def static_in_process(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.channels, *args.patch)
-    target = torch.randint(0, args.classes, (args.batch, *args.patch))
     net = build_network(name, args.channels, args.classes, args.patch)
-    result = measure_network(net, x, target, args.iters, args.warmup, torch.device(args.device), args.amp)
-    modelled = modelled_forward_flops(name, args.channels, args.classes, args.patch, args.batch)
-    return {"name": name, **result, "gflops_model": None if modelled is None else modelled / 1e9}
+    result = measure_static(net, *seeded_batch(args), torch.device(args.device), args.amp)
+    del net
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
-def benchmark_in_subprocess(name: str, args: argparse.Namespace) -> dict:
-    """Run one network in a fresh interpreter, so its peak RSS is not any other network's."""
+def static_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """Measure one network in a fresh interpreter, so its peak RSS is not any other network's."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "nnscd.benchmark", "--worker", out, "--net", name, "--device", args.device,
                "--patch", *map(str, args.patch), "--channels", str(args.channels), "--classes", str(args.classes),
-               "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+               "--batch", str(args.batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out) as f:
             return json.load(f)
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    static_of = static_in_subprocess if args.device == "cpu" else static_in_process
+    static = {name: static_of(name, args) for name in tqdm(args.net, desc="memory and FLOPs", unit="network")}
+    torch.manual_seed(0)
+    nets = {name: build_network(name, args.channels, args.classes, args.patch).to(args.device) for name in args.net}
+    with tqdm(total=2 * (args.warmup + args.iters) * len(nets), desc="timing (interleaved)", unit="step") as bar:
+        timings = measure_timings(nets, *seeded_batch(args), args.iters, args.warmup, torch.device(args.device),
+                                  args.amp, on_step=bar.update)
+    results = []
+    for name in args.net:
+        modelled = modelled_forward_flops(name, args.channels, args.classes, args.patch, args.batch)
+        results.append({"name": name, **static[name], **timings[name],
+                        "gflops_model": None if modelled is None else modelled / 1e9})
+    return [{k: r[k] for k in RESULT_KEYS} for r in results]
 
 
 def make_parent(path: str) -> None:
@@ -143,7 +200,7 @@ def write_csv(path: str, results: Sequence[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_KEYS)
         writer.writeheader()
-        writer.writerows({k: r[k] for k in RESULT_KEYS} for r in results)
+        writer.writerows(results)
 
 
 def write_plot(path: str, report: dict) -> None:
@@ -207,7 +264,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results as JSON")
     parser.add_argument("--csv", help="write the results as CSV")
     parser.add_argument("--plot", help="write a PNG with throughput and FLOPs per network")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one network, write its result
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: params, FLOPs, peak memory of one network
     args = parser.parse_args(argv)
     unknown = [n for n in args.net if n not in NETWORKS]
     if unknown:
@@ -226,12 +283,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        result = benchmark_network(args.net[0], args)
+        result = static_in_process(args.net[0], args)
         with atomic_path(args.worker) as tmp, open(tmp, "w") as f:
             json.dump(result, f)
         return
-    measure = benchmark_in_subprocess if args.device == "cpu" else benchmark_network
-    results = [measure(name, args) for name in tqdm(args.net, desc="nnScd_benchmark", unit="network")]
+    results = run_benchmark(args)
     report = {"device": device_description(args.device), "torch": torch.__version__, "patch_size": args.patch,
               "batch_size": args.batch, "results": results}
     print(format_table(results))

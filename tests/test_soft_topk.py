@@ -93,7 +93,7 @@ def test_gumbel_straight_through_is_hard_forward_and_has_gradient():
 
 def pruning_stage(seed: int = 4) -> tuple[SoftTopKPruning, TokenSet]:
     torch.manual_seed(seed)
-    stage = SoftTopKPruning(16, 0.25, TokenSparseConfig(dim=16, heads=2, mta_dim=16, mta_heads=2))
+    stage = SoftTopKPruning(0.25, TokenSparseConfig(dim=16, heads=2, mta_dim=16, mta_heads=2))
     x = torch.randn(3, 20, 16)
     return stage, TokenSet(x, torch.arange(20).expand(3, 20) + 100)
 

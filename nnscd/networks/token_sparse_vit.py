@@ -44,7 +44,7 @@ class TokenSparseConfig:
     prune_after: tuple[int, ...] = (2, 4)
     keep_ratios: tuple[float, ...] = (0.5, 0.5)
     min_tokens: int = 4
-    sigma: float = 0.25  # noise width of the soft top-K, in units of the standardised scores
+    sigma: float = 0.25  # noise width of the soft top-K in standardised-score units (gumbel: its temperature)
     num_samples: int = 128  # noisy copies per soft top-K
     estimator: str = "perturbed"  # or "gumbel" (single-sample straight-through, for ablation)
     scorer_hidden: int = 0  # 0: dim // 4
@@ -227,10 +227,10 @@ class SoftTopKPruning(nn.Module):
     neither set is scaled.
     """
 
-    def __init__(self, dim: int, keep: float, config: TokenSparseConfig):
+    def __init__(self, keep: float, config: TokenSparseConfig):
         super().__init__()
         self.keep, self.config = keep, config
-        self.scorer = TokenScorer(dim, config.scorer_hidden or dim // 4)
+        self.scorer = TokenScorer(config.dim, config.scorer_hidden or config.dim // 4)
 
     def forward(self, live: TokenSet) -> tuple[TokenSet, TokenSet]:  # -> kept (B, K, D), pruned (B, L_live-K, D)
         x, positions = live
@@ -256,7 +256,7 @@ class TokenSparseEncoder(nn.Module):
         super().__init__()
         self.taps, self.prune_after = tuple(taps), config.prune_after
         self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.mlp_ratio) for _ in range(config.depth))
-        self.stages = nn.ModuleList(SoftTopKPruning(config.dim, keep, config) for keep in config.keep_ratios)
+        self.stages = nn.ModuleList(SoftTopKPruning(keep, config) for keep in config.keep_ratios)
 
     def forward(self, x: Tensor) -> tuple[list[list[TokenSet]], list[Tensor]]:
         B, L, _ = x.shape

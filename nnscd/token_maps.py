@@ -48,7 +48,7 @@ def token_sparse_trainers(sparse: Optional[bool] = None) -> List[str]:
 
 def require_token_sparse(network: torch.nn.Module, trainer_name: str, tool: str) -> TokenSparseSegmenter:
     """The TokenSparseSegmenter inside `network` (DDP / torch.compile wrappers removed), or a clear error."""
-    from nnscd_trainers.token_sparse_trainers import unwrap
+    from nnscd_trainers.nnscd_trainer import unwrap
 
     network = unwrap(network)
     if not isinstance(network, TokenSparseSegmenter):

@@ -1,6 +1,7 @@
 """nnU-Net trainers of nnscd. Every class named in __all__ is found by `-tr NAME` in all nnScd_ commands."""
 from nnscd_trainers.nnscd_trainer import nnScdTrainer, nnScdTrainer_budget, nnScdTrainer_cpu
-from nnscd_trainers.apformer_trainers import (APFormerNoPruneTrainer, APFormerNoPruneTrainer_cpu, APFormerTrainer,
+from nnscd_trainers.apformer_trainers import (APFormerNoPruneTrainer, APFormerNoPruneTrainer_budget,
+                                                APFormerNoPruneTrainer_cpu, APFormerTrainer, APFormerTrainer_budget,
                                                 APFormerTrainer_cpu)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
@@ -10,6 +11,7 @@ from nnscd_trainers.token_sparse_trainers import (
 
 __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
+           "APFormerTrainer_budget", "APFormerNoPruneTrainer_budget",
            "STPMTATrainer", "UNETRTrainer", "STPMTALightTrainer", "ViTLightTrainer",
            "STPMTATrainer_paper", "UNETRTrainer_paper", "STPMTALightTrainer_paper", "ViTLightTrainer_paper",
            "STPMTATrainer_keep75", "STPMTATrainer_keep25", "STPMTATrainer_gumbel",

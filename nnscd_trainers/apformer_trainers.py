@@ -4,7 +4,7 @@
   foreground head of query pruning); AdamW with a warm-up, then poly decay, computed from the epoch; the
   pruning rates of every validation pass logged, printed and drawn in `pruning_progress.png`.
 - `APFormerNoPruneTrainer`: the ablation baseline, only the network builder differs (no QP, no DP).
-- `*_cpu`: the same on nnscd's short CPU schedule.
+- `*_cpu`, `*_budget`: the same on nnscd's short CPU schedule and on the CPU Hippocampus comparison's budget.
 
 The network returns one tensor, so deep supervision is off (loss and data loader alike) and nnU-Net's
 `train_step` runs unchanged: the auxiliary terms enter through the loss module, which receives the target.
@@ -17,17 +17,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._dynamo import OptimizedModule
 
 from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
     build_apformer_noprune
-from nnscd.safe_io import atomic_path
-from nnscd_trainers.nnscd_trainer import CPU_SCHEDULE, nnScdTrainer
+from nnscd.progress_plots import plot_per_epoch
+from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 # Auxiliary loss weights: small beside Dice + CE (about 1 at init). SSA (about 0.05 at init) is a regulariser; the
-# foreground BCE (about 0.7 at init) is all the foreground head learns from, and at 0.1 QP prunes about half of
+# foreground BCE (about 0.7 at init) is all the foreground head learns from, and at 0.1 QP prunes a third to half of
 # the validation queries after the 50 steps of the CPU schedule. No sparsity term: the DP gate learns from the
 # segmentation loss (straight-through), and DP changes accuracy, not speed.
 SSA_WEIGHT = 0.1
@@ -35,28 +34,6 @@ FG_WEIGHT = 0.1
 SPARSITY_WEIGHT = 0.0
 
 PRUNING_KEYS = ("qp_pruned_fraction", "dp_pruned_fraction")  # logged once per epoch, from the validation pass
-
-
-def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int,
-                   exponent: float = 0.9) -> float:
-    """Learning rate of an epoch: linear warm-up to initial_lr over warmup_epochs, then nnU-Net's poly decay."""
-    if epoch < warmup_epochs:
-        return initial_lr * (epoch + 1) / (warmup_epochs + 1)
-    return initial_lr * (1 - (epoch - warmup_epochs) / (num_epochs - warmup_epochs)) ** exponent
-
-
-class WarmupPolyLR:
-    """Sets the learning rate from the epoch alone: nnU-Net's checkpoints keep no scheduler state, so a schedule
-    that counted its own steps would restart its warm-up on `--c`. nnU-Net calls `step(current_epoch)`."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, num_epochs: int, warmup_epochs: int):
-        self.optimizer, self.initial_lr = optimizer, initial_lr
-        self.num_epochs, self.warmup_epochs = num_epochs, warmup_epochs
-
-    def step(self, epoch: int) -> None:
-        lr = warmup_poly_lr(epoch, self.initial_lr, self.num_epochs, self.warmup_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
 
 class DiceCEWithAPFormerAux(nn.Module):
@@ -124,9 +101,9 @@ class APFormerTrainer(nnScdTrainer):
     Recipe: AdamW (lr 3e-3, weight decay 1e-2, none on norms, biases, gates, widths and position tables), linear
     warm-up over the first 5% of epochs, then poly decay, a function of `current_epoch` so `--c` resumes it;
     nnU-Net's train_step (gradient clipping at 12, fp16 autocast + GradScaler on cuda; attention softmax in fp32).
-    AdamW, not nnU-Net's SGD: measured on the CPU schedule (documentation/apformer.md), both segment equally well,
-    but SGD leaves the transformer where it started (DP's pruned share stays at its init value); lr 1e-3 was too
-    slow for 50 steps (test Dice 0.73-0.85 against 0.90-0.95).
+    AdamW, not nnU-Net's SGD: on the CPU schedule both segment equally well, but under SGD the attention barely
+    moves from its init (DP's pruned share 0.36-0.42, about 0.4 at init; AdamW 0.89-0.97); lr 1e-3 was too slow
+    for 50 steps (test Dice 0.73-0.90 against 0.90-0.95). Measurements: documentation/apformer.md.
     """
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -152,8 +129,7 @@ class APFormerTrainer(nnScdTrainer):
         """APFormer has a single output."""
 
     def _apformer(self) -> APFormer:
-        net = self.network.module if self.is_ddp else self.network
-        return net._orig_mod if isinstance(net, OptimizedModule) else net
+        return unwrap(self.network)
 
     def _build_loss(self) -> nn.Module:
         return DiceCEWithAPFormerAux(super()._build_loss(), self._apformer, self.label_manager,
@@ -165,7 +141,7 @@ class APFormerTrainer(nnScdTrainer):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.network.named_parameters():  # decay would pull DP gates and GRPE widths to 0
+        for name, p in self.network.named_parameters():  # decay would pull DP gates and GRPE log-widths to 0
             (no_decay if p.ndim <= 1 or "rel_tables" in name else decay).append(p)
         optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=self.initial_lr, weight_decay=self.weight_decay,
@@ -187,7 +163,7 @@ class APFormerTrainer(nnScdTrainer):
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (qp, dp))
             qp, dp = [q for g in gathered for q in g[0]], [d for g in gathered for d in g[1]]
-        qp_mean, dp_layers = float(np.mean(qp)), np.mean(np.stack(dp), 0)
+        qp_mean, dp_layers = float(np.mean(qp)), np.mean(np.stack(dp), 0).astype(float)
         self.logger.log("qp_pruned_fraction", qp_mean, self.current_epoch)
         self.logger.log("dp_pruned_fraction", float(dp_layers.mean()), self.current_epoch)
         self.print_to_log_file(f"Pruned in validation (eval mode): queries {qp_mean:.4f}, dependencies "
@@ -200,20 +176,13 @@ class APFormerTrainer(nnScdTrainer):
 
     def plot_pruning_progress(self) -> None:
         """`pruning_progress.png` beside nnU-Net's progress.png: pruning rates and pseudo Dice per epoch."""
-        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
         log = self.logger.get_value
-        epochs = range(len(log("qp_pruned_fraction", None)))
-        fig = Figure(figsize=(8, 5), dpi=100)
-        ax = fig.subplots()
-        ax.plot(epochs, log("qp_pruned_fraction", None), "b-o", label="queries pruned (QP)")
-        ax.plot(epochs, log("dp_pruned_fraction", None), "r-o", label="dependencies pruned (DP, mean over layers)")
-        ax.plot(epochs, log("ema_fg_dice", None)[:len(epochs)], "g--", label="pseudo Dice (mov. avg.)")
-        ax.set(xlabel="epoch", ylabel="fraction", ylim=(0, 1),
-               title=f"{self.__class__.__name__}: validation batches, eval mode")
-        ax.legend(loc="lower right")
-        with atomic_path(os.path.join(self.output_folder, "pruning_progress.png")) as tmp:
-            fig.savefig(tmp)
+        epochs = len(log("qp_pruned_fraction", None))
+        plot_per_epoch({"queries pruned (QP)": log("qp_pruned_fraction", None),
+                        "dependencies pruned (DP, mean over layers)": log("dp_pruned_fraction", None),
+                        "pseudo Dice (mov. avg.)": log("ema_fg_dice", None)[:epochs]},
+                       os.path.join(self.output_folder, "pruning_progress.png"),
+                       f"{self.__class__.__name__}: validation batches, eval mode", "fraction")
 
 
 class APFormerNoPruneTrainer(APFormerTrainer):
@@ -235,3 +204,13 @@ class APFormerTrainer_cpu(APFormerTrainer):
 class APFormerNoPruneTrainer_cpu(APFormerNoPruneTrainer):
     """APFormerNoPruneTrainer on the short CPU schedule."""
     schedule = CPU_SCHEDULE
+
+
+class APFormerTrainer_budget(APFormerTrainer):
+    """APFormerTrainer on the budget of the CPU Hippocampus comparison."""
+    schedule = BUDGET_SCHEDULE
+
+
+class APFormerNoPruneTrainer_budget(APFormerNoPruneTrainer):
+    """APFormerNoPruneTrainer on the budget of the CPU Hippocampus comparison."""
+    schedule = BUDGET_SCHEDULE

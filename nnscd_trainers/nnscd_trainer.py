@@ -2,6 +2,8 @@
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnscd.atomic_plans_manager import AtomicWritePlansManager
@@ -11,6 +13,36 @@ from nnscd.safe_io import atomic_path
 CPU_SCHEDULE = (5, 10, 5)
 # The short budget that every trainer of the CPU Hippocampus comparison gets (documentation/results)
 BUDGET_SCHEDULE = (10, 25, 10)
+
+
+def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int,
+                   exponent: float = 0.9) -> float:
+    """Learning rate of an epoch: linear warm-up to initial_lr over warmup_epochs, then nnU-Net's poly decay."""
+    if epoch < warmup_epochs:
+        return initial_lr * (epoch + 1) / (warmup_epochs + 1)
+    return initial_lr * (1 - (epoch - warmup_epochs) / (num_epochs - warmup_epochs)) ** exponent
+
+
+class WarmupPolyLR(_LRScheduler):
+    """`warmup_poly_lr` of the epoch nnU-Net passes to `step`: nnU-Net's checkpoints keep no scheduler state, so a
+    schedule that counted its own steps would restart its warm-up on `--c`; this one continues the same curve."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_epochs: int, warmup: int):
+        self.initial_lr, self.max_epochs, self.warmup = initial_lr, max_epochs, warmup
+        super().__init__(optimizer)
+
+    def step(self, epoch: Optional[int] = None) -> None:
+        epoch = self.last_epoch + 1 if epoch is None else epoch
+        self.last_epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_poly_lr(epoch, self.initial_lr, self.max_epochs, self.warmup)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network itself, under DDP and torch.compile wrappers."""
+    network = getattr(network, "module", network)
+    return getattr(network, "_orig_mod", network)
 
 
 class nnScdTrainer(nnUNetTrainer):

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnscd.atomic_plans_manager import AtomicWritePlansManager
@@ -24,33 +23,7 @@ from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.progress_plots import plot_per_epoch
 from nnscd.token_planning import apply_token_plan, token_plan_for
-from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, nnScdTrainer
-
-
-class WarmupPolyLR(_LRScheduler):
-    """lr(epoch): linear warm-up to `initial_lr` over `warmup` epochs, then nnU-Net's poly decay to 0."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_epochs: int, warmup: int):
-        self.initial_lr, self.max_epochs, self.warmup = initial_lr, max_epochs, warmup
-        super().__init__(optimizer)
-
-    def lr_at(self, epoch: int) -> float:
-        if epoch < self.warmup:
-            return self.initial_lr * (epoch + 1) / (self.warmup + 1)
-        return self.initial_lr * (1 - (epoch - self.warmup) / (self.max_epochs - self.warmup)) ** 0.9
-
-    def step(self, epoch: Optional[int] = None) -> None:
-        epoch = self.last_epoch + 1 if epoch is None else epoch
-        self.last_epoch = epoch
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(epoch)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The network itself, under DDP and torch.compile wrappers."""
-    network = getattr(network, "module", network)
-    return getattr(network, "_orig_mod", network)
+from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
 
 
 def kept_foreground_share(keep_indices: List[torch.Tensor], target: torch.Tensor,

@@ -1,5 +1,6 @@
 """APFormer trainers: 3d_fullres and 2d end to end through the nnScd_ console scripts (CPU, short schedule), resuming
-with `--c`, and the patch-size error. Each test names a behaviour and fails when it breaks.
+with `--c`; in process: the loss, an fp16 step, the pruning plot and the patch-size error. Each test names a
+behaviour and fails when it breaks.
 
 Predictions use `--disable_tta`: on a CPU, PyTorch runs batch-1 3D convolutions on a slow path (about 2 s per
 APFormer forward at 32^3), so mirroring (8 forwards per case) would add about a minute; the final validation of
@@ -23,8 +24,8 @@ from conftest import BIN, DATASET, DATASET_ID, run_command
 
 TRAINER = "APFormerTrainer_cpu"
 EPOCHS = 5                 # CPU_SCHEDULE
-MIN_DICE = 0.6             # measured 0.83-0.97 per case and class after the 5 x 10 CPU schedule; an untrained
-                           # network gets under 0.3, so 0.6 rules out luck and leaves room for run-to-run spread
+MIN_DICE = 0.6             # measured 0.90-0.94 per class (3D and 2D test cases) after the 5 x 10 CPU schedule;
+                           # a recipe too slow for it (AdamW 1e-3) once ended at 0.31: 0.6 tells them apart
 DATASET_2D_ID = 992
 DATASET_2D = f"Dataset{DATASET_2D_ID}_NnscdDemo2D"
 PRUNED_LINE = re.compile(r"Pruned in validation \(eval mode\): queries ([0-9.]+), dependencies ([0-9.]+)")
@@ -112,12 +113,12 @@ def test_pruning_rates_logged_every_epoch_printed_and_plotted(trained_3d):
 
     import matplotlib.image
     png = fold_dir / "pruning_progress.png"
-    assert matplotlib.image.imread(str(png)).shape[:2] == (500, 800)
+    assert matplotlib.image.imread(str(png)).shape[:2] == (450, 800)
     assert not list(fold_dir.glob(".partial_*")), "plot not written atomically"
 
 
 def test_continue_keeps_learning_rate_schedule_and_pruning_history(trained_3d):
-    from nnscd_trainers.apformer_trainers import warmup_poly_lr
+    from nnscd_trainers.nnscd_trainer import warmup_poly_lr
 
     saved, stdout = trained_3d["saved_epoch"], trained_3d["resumed_stdout"]
     assert 2 <= saved < EPOCHS
@@ -133,7 +134,7 @@ def test_continue_keeps_learning_rate_schedule_and_pruning_history(trained_3d):
         assert len(final[key]) == EPOCHS, key
 
 
-def _write_2d_dataset(raw: Path, num_train: int = 8, num_test: int = 2, side: int = 48) -> Path:
+def _write_2d_dataset(raw: Path, num_train: int = 8, num_test: int = 4, side: int = 48) -> Path:
     """A disk (1) and a square (2) in noise, as single-slice NIfTI (nnU-Net plans these as 2d)."""
     folder = raw / DATASET_2D
     rng = np.random.default_rng(0)
@@ -159,17 +160,20 @@ def _write_2d_dataset(raw: Path, num_train: int = 8, num_test: int = 2, side: in
 
 
 def test_2d_trains_and_predicts(nnunet_env, tmp_path):
+    """On the budget schedule (10 x 25): 2D steps are cheap, and the 50 steps of the CPU schedule once left the
+    disk at Dice 0.53 on the held-out cases (0.93 in other runs)."""
+    trainer, epochs = "APFormerTrainer_budget", 10
     raw = _write_2d_dataset(Path(nnunet_env["nnUNet_raw"]))
     run_command(["nnScd_plan_and_preprocess", "-d", str(DATASET_2D_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
                 nnunet_env)
     plans = json.loads((Path(nnunet_env["nnUNet_preprocessed"]) / DATASET_2D / "nnUNetPlans.json").read_text())
     assert len(plans["configurations"]["2d"]["patch_size"]) == 2
-    run_command(["nnScd_train", str(DATASET_2D_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env)
-    fold_dir = Path(nnunet_env["nnUNet_results"]) / DATASET_2D / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
-    assert len(_logging_of(fold_dir / "checkpoint_final.pth")["qp_pruned_fraction"]) == EPOCHS
+    run_command(["nnScd_train", str(DATASET_2D_ID), "2d", "0", "-tr", trainer, "-device", "cpu"], nnunet_env)
+    fold_dir = Path(nnunet_env["nnUNet_results"]) / DATASET_2D / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+    assert len(_logging_of(fold_dir / "checkpoint_final.pth")["qp_pruned_fraction"]) == epochs
     out = tmp_path / "pred2d"
     run_command(["nnScd_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_2D_ID),
-                 "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
+                 "-c", "2d", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
                  "--disable_tta"], nnunet_env)
     dice = _dice_per_class(out, raw / "labelsTs", [1, 2])
     assert min(dice.values()) >= MIN_DICE, dice

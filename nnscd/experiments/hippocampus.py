@@ -1,9 +1,11 @@
-"""CPU comparison on MSD Task04 Hippocampus, fold 0: STP+MTA trainers, their dense twins and nnU-Net's U-Net.
+"""CPU comparison on MSD Task04 Hippocampus, fold 0: STP+MTA and APFormer trainers, their dense twins and nnU-Net's
+U-Net.
 
 Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE; batch and patch from nnScdPlans), is
 trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict and is evaluated with nnU-Net's
 metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
-against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop, wall times.
+against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
+pruning rates, forward GFLOPs per tile on real cases (eval mode, so pruning counts), wall times.
 
     python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus --out documentation/results
 
@@ -33,7 +35,11 @@ TRAINERS: Dict[str, Optional[str]] = {
     "STPMTATrainer_budget": "UNETRTrainer_budget",
     "ViTLightTrainer_budget": None,
     "STPMTALightTrainer_budget": "ViTLightTrainer_budget",
+    "APFormerNoPruneTrainer_budget": None,
+    "APFormerTrainer_budget": "APFormerNoPruneTrainer_budget",
 }
+ABLATED = ("UNETRTrainer_budget", "STPMTATrainer_budget", "ViTLightTrainer_budget", "STPMTALightTrainer_budget")
+FLOP_CASES = 5  # validation cases whose central tile is counted
 LABELS = {"1": "Anterior", "2": "Posterior"}
 
 
@@ -60,6 +66,13 @@ def _per_case_dice(summary_file: Path) -> Dict[str, float]:
     return {Path(c["reference_file"]).name: float(np.mean([c["metrics"][k]["Dice"] for k in LABELS])) for c in cases}
 
 
+def _final_logging(model: Path) -> dict:
+    """nnU-Net's per-epoch logs of fold FOLD, as the final checkpoint stores them."""
+    import torch
+    return torch.load(model / f"fold_{FOLD}" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)["logging"]
+
+
 def paired_difference(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
     """Mean of a - b over the shared cases with its 95% t-interval."""
     from scipy import stats
@@ -68,6 +81,26 @@ def paired_difference(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, flo
     half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     return {"mean": float(diff.mean()), "ci95_low": float(diff.mean() - half), "ci95_high": float(diff.mean() + half),
             "cases": len(diff)}
+
+
+def gflops_per_tile(model: Path, images: List[Path]) -> float:
+    """Mean forward GFLOPs of the trained network on the central tile of each case (eval mode, as at inference:
+    APFormer's query pruning depends on the image)."""
+    import torch
+    from nnscd.benchmark import forward_flops
+    from nnscd.predictor import nnScdPredictor
+    from nnscd.token_maps import central_tile
+
+    predictor = nnScdPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (int(FOLD),), "checkpoint_final.pth")
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    flops = []
+    for image in images:
+        data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager,
+                                           predictor.configuration_manager, predictor.dataset_json)
+        tile, _ = central_tile(predictor, data)
+        flops.append(forward_flops(predictor.network, torch.from_numpy(np.ascontiguousarray(tile))[None].float()))
+    return float(np.mean(flops)) / 1e9
 
 
 def main() -> None:
@@ -105,7 +138,9 @@ def main() -> None:
                                             "-device", "cpu", "-npp", "0", "-nps", "0"])
             _run(["nnScd_evaluate_folder", str(labels), str(prediction), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json"), "-np", "2"])
-        if trainer != "nnScdTrainer_budget" and not (work / f"ablation_{trainer}" / "ablation.json").is_file():
+        if "gflops_per_tile" not in entry:
+            entry["gflops_per_tile"] = gflops_per_tile(model, sorted(images.iterdir())[:FLOP_CASES])
+        if trainer in ABLATED and not (work / f"ablation_{trainer}" / "ablation.json").is_file():
             _run(["nnScd_attention_ablation", "-m", str(model), "-f", FOLD, "-i", str(images), "-ref", str(labels),
                   "-o", str(work / f"ablation_{trainer}"), "-device", "cpu"])
         work.mkdir(parents=True, exist_ok=True)
@@ -131,6 +166,10 @@ def summarise(work: Path, record: dict, trainers: List[str]) -> dict:
         per_case[trainer] = _per_case_dice(work / trainer / "summary.json")
         rows[trainer] = {"dice": {LABELS[k]: summary["mean"][k]["Dice"] for k in LABELS},
                          "mean_fg_dice": summary["foreground_mean"]["Dice"], **record.get(trainer, {})}
+        history = _final_logging(Path(os.environ["nnUNet_results"]) / DATASET / f"{trainer}__{PLANS}__{CONFIG}")
+        for key in ("qp_pruned_fraction", "dp_pruned_fraction", "kept_foreground"):
+            if key in history:
+                rows[trainer][f"last_epoch_{key}"] = np.asarray(history[key][-1]).tolist()
         ablation = work / f"ablation_{trainer}" / "ablation.json"
         if ablation.is_file():
             rows[trainer]["attention_ablation"] = json.loads(ablation.read_text())
@@ -148,15 +187,32 @@ def markdown(summary: dict) -> str:
     lines = [f"Fold {summary['fold']} of {summary['dataset']} ({summary['configuration']}, plans {summary['plans']}), "
              f"schedule {summary['schedule_epochs_iterations_val']} (epochs, iterations, validation iterations), "
              f"{summary['machine']}.", "",
-             "| trainer | Dice Anterior | Dice Posterior | mean | vs dense twin (mean, 95% CI) | train s | predict s |",
-             "|---|---|---|---|---|---|---|"]
+             "| trainer | Dice Anterior | Dice Posterior | mean | vs dense twin (mean, 95% CI) | GFLOPs/tile | train s "
+             "| predict s |", "|---|---|---|---|---|---|---|---|"]
     for name, row in summary["trainers"].items():
         paired = row.get("paired_vs_dense_twin")
         vs = (f"{paired['mean']:+.4f} [{paired['ci95_low']:+.4f}, {paired['ci95_high']:+.4f}] vs {paired['twin']}"
               if paired else "")
         lines.append(f"| {name} | {row['dice']['Anterior']:.4f} | {row['dice']['Posterior']:.4f} | "
-                     f"{row['mean_fg_dice']:.4f} | {vs} | {row.get('train_wall_s', float('nan')):.0f} | "
-                     f"{row.get('predict_wall_s', float('nan')):.0f} |")
+                     f"{row['mean_fg_dice']:.4f} | {vs} | {row.get('gflops_per_tile', float('nan')):.2f} | "
+                     f"{row.get('train_wall_s', float('nan')):.0f} | {row.get('predict_wall_s', float('nan')):.0f} |")
+    lines += ["", "Last epoch's validation pass: the share of foreground tokens still kept per STP stage "
+              "(`kept_foreground`), APFormer's pruned queries (QP) and dependencies (DP).", "",
+              "| trainer | kept foreground per stage | QP pruned | DP pruned |", "|---|---|---|---|"]
+    for name, row in summary["trainers"].items():
+        kept, qp, dp = (row.get(f"last_epoch_{k}") for k in ("kept_foreground", "qp_pruned_fraction",
+                                                              "dp_pruned_fraction"))
+        if kept is not None or qp is not None:
+            lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in kept) if kept else ''} | "
+                         f"{'' if qp is None else f'{qp:.3f}'} | {'' if dp is None else f'{dp:.3f}'} |")
+    ablated = {n: r["attention_ablation"] for n, r in summary["trainers"].items() if "attention_ablation" in r}
+    if ablated:
+        lines += ["", "Attention ablation (`nnScd_attention_ablation`): mean foreground Dice with the transformer's "
+                  "maps replaced, and the drop from the unchanged network.", "", "| trainer | mode | mean Dice | drop |",
+                  "|---|---|---|---|"]
+        for name, result in ablated.items():
+            for mode, entry in result["modes"].items():
+                lines.append(f"| {name} | {mode} | {entry['dice']['mean']:.4f} | {entry['dice_drop']['mean']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 

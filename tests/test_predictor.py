@@ -1,0 +1,74 @@
+"""nnScdPredictor against nnunetv2's predictor on the same trained models and a multi-tile case: same output,
+fewer and larger forwards."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+
+def _predictors(model: Path, fold: int, mirroring: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnscd.paths import settle_environment
+    from nnscd.predictor import nnScdPredictor
+
+    settle_environment()  # registers nnscd's trainers for nnU-Net's lookup by name
+    made = []
+    for cls in (nnUNetPredictor, nnScdPredictor):
+        predictor = cls(tile_step_size=0.5, use_mirroring=mirroring, device=torch.device("cpu"),
+                        perform_everything_on_device=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model), (fold,), "checkpoint_final.pth")
+        made.append(predictor)
+    return made
+
+
+def _multi_tile_case(planned_dataset: Path) -> torch.Tensor:
+    """A held-out case tiled 2 x 2 in-plane and z-scored: (1, 32, 64, 64) against a 32^3 patch -> 9 tiles."""
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(sorted((planned_dataset / "imagesTs").iterdir())[0])))
+    image = np.tile(image.astype(np.float32), (1, 2, 2))
+    return torch.from_numpy((image - image.mean()) / image.std())[None]
+
+
+def _count_forwards(predictor) -> list:
+    """Batch sizes of every forward the predictor's network runs."""
+    sizes = []
+    predictor.network.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def _dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    return 2 * ((a == label) & (b == label)).sum() / ((a == label).sum() + (b == label).sum())
+
+
+# forward batch 4 (2 x the plans' batch): 2 tiles with their mirrored copies per forward, or 4 tiles unmirrored.
+# One mirroring axis (2 copies) keeps the test short; all 8 copies: 72 forwards against 18, same labels (measured).
+@pytest.mark.parametrize("model_fixture, fold, mirroring, nnscd_forwards", [("trained_model", 0, True, [4] * 4 + [2]),
+                                                                            ("trained_stpmta", 3, False, [4, 4, 1])])
+def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request, planned_dataset, model_fixture,
+                                                                           fold, mirroring, nnscd_forwards):
+    reference, ours = _predictors(request.getfixturevalue(model_fixture), fold, mirroring)
+    reference.allowed_mirroring_axes = ours.allowed_mirroring_axes = (0,)
+    data = _multi_tile_case(planned_dataset)
+    tiles = len(ours._internal_get_sliding_window_slicers(data.shape[1:]))
+    assert tiles == 9
+    forwards = {name: _count_forwards(p) for name, p in (("nnunet", reference), ("nnscd", ours))}
+    logits = {name: p.predict_sliding_window_return_logits(data).float()
+              for name, p in (("nnunet", reference), ("nnscd", ours))}
+
+    assert forwards["nnunet"] == [1] * tiles * (2 if mirroring else 1)
+    assert forwards["nnscd"] == nnscd_forwards
+
+    torch.testing.assert_close(logits["nnscd"], logits["nnunet"], atol=2e-2, rtol=1e-2)  # fp16 accumulators
+    labels = {name: l.argmax(0).numpy() for name, l in logits.items()}
+    for label in (1, 2):
+        assert _dice(labels["nnscd"], labels["nnunet"], label) >= 0.999
+
+
+def test_forward_batch_follows_plans_and_environment(trained_model, monkeypatch):
+    _, ours = _predictors(trained_model, 0, False)
+    assert ours.configuration_manager.batch_size == 2 and ours.forward_batch == 4
+    monkeypatch.setenv("nnScd_predict_batch_factor", "0.5")
+    assert ours.forward_batch == 1
+    monkeypatch.setenv("nnScd_predict_batch_factor", "0.1")
+    assert ours.forward_batch == 1, "never below one input per forward"

@@ -132,7 +132,7 @@ ensemble = _delegate("nnunetv2.ensembling.ensemble", "entry_point_ensemble_folde
 evaluate_folder = _delegate("nnunetv2.evaluation.evaluate_predictions", "evaluate_folder_entry_point")
 export_model_to_zip = _delegate("nnunetv2.model_sharing.entry_points", "export_pretrained_model_entry")
 install_pretrained_model_from_zip = _delegate("nnunetv2.model_sharing.entry_points", "install_from_zip_entry_point")
-convert_msd_dataset = _delegate("nnunetv2.dataset_conversion.convert_MSD_dataset", "entry_point")
+convert_msd_dataset = _delegate("dataset_conversion.msd", "main")  # nnunetv2's converter, fixed
 
 
 def check_trainer_name(name: str) -> None:

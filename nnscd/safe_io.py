@@ -1,5 +1,6 @@
 """Writes that a kill cannot leave half done: write beside the target, then rename over it."""
 import os
+import shutil
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -9,6 +10,8 @@ PARTIAL_PREFIX = ".partial_"
 @contextmanager
 def atomic_path(final_path: str) -> Iterator[str]:
     """Yield a temporary path in the target's folder; if the block succeeds and wrote it, rename it to `final_path`.
+
+    Works for a folder too (a dataset written whole into the temporary path), as long as `final_path` is absent.
 
     The prefix keeps the file ending, so writers that pick the format from it (SimpleITK) still work, and the
     leading dot keeps the partial file out of nnU-Net's folder listings.
@@ -20,5 +23,7 @@ def atomic_path(final_path: str) -> Iterator[str]:
         if os.path.exists(tmp):
             os.replace(tmp, final_path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
             os.remove(tmp)

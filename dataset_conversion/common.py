@@ -28,7 +28,8 @@ def free_raw_dataset_folder(dataset_id: int, name: str) -> str:
     taken = list(find_candidate_datasets(dataset_id))  # a numpy array
     if taken:
         fail(f"dataset id {dataset_id} is taken ({', '.join(taken)} in nnUNet_raw, nnUNet_preprocessed or "
-             f"nnUNet_results). Pick a free id with the converter's id flag, or delete the old dataset first.")
+             f"nnUNet_results). Pick a free id (-overwrite_id of nnScd_convert_MSD_dataset, "
+             f"-d of the other converters) or delete the old dataset first.")
     return os.path.join(str(nnUNet_raw), f"Dataset{dataset_id:03d}_{name}")
 
 

@@ -21,7 +21,6 @@ from nnscd.safe_io import atomic_path
 
 MSD_TASKS = ("Task01_BrainTumour", "Task02_Heart", "Task03_Liver", "Task04_Hippocampus", "Task05_Prostate",
              "Task06_Lung", "Task07_Pancreas", "Task08_HepaticVessel", "Task09_Spleen", "Task10_Colon")
-NNUNET_SIDE_FILES = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")  # written beside predictions
 ENDING = ".nii.gz"
 
 

@@ -74,6 +74,7 @@ def test_msd_4d_multimodal_with_release_quirks(tmp_path, raw):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     task = write_msd_task(tmp_path / "msd")
+    (raw / ".partial_4242_Dataset005_Prostate/imagesTr").mkdir(parents=True)  # left by a killed run
     out = Path(convert_msd_dataset(str(task), num_processes=1))
     assert out == raw / "Dataset005_Prostate" and sorted(p.name for p in raw.iterdir()) == [out.name]
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"prostate_{i:02d}_{c:04d}.nii.gz"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
     build_apformer_noprune
 from nnscd.progress_plots import plot_per_epoch
-from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
+from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -208,9 +208,9 @@ class APFormerNoPruneTrainer_cpu(APFormerNoPruneTrainer):
 
 class APFormerTrainer_budget(APFormerTrainer):
     """APFormerTrainer on the budget of the CPU Hippocampus comparison."""
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
 class APFormerNoPruneTrainer_budget(APFormerNoPruneTrainer):
     """APFormerNoPruneTrainer on the budget of the CPU Hippocampus comparison."""
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

@@ -11,8 +11,9 @@ from nnscd.safe_io import atomic_path
 
 # (epochs, training iterations per epoch, validation iterations per epoch): minutes on a 2-core CPU
 CPU_SCHEDULE = (5, 10, 5)
-# The short budget that every trainer of the CPU Hippocampus comparison gets (documentation/results)
-BUDGET_SCHEDULE = (10, 25, 10)
+# The budget that every trainer of the CPU Hippocampus comparison gets (documentation/results): 100 steps of batch 2.
+# (nnU-Net's U-Net at Hippocampus' plans, batch 7, takes about 10 s per step on 2 CPU cores.)
+BUDGET_SCHEDULE, BUDGET_BATCH = (5, 20, 5), 2
 
 
 def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int,
@@ -52,9 +53,10 @@ class nnScdTrainer(nnUNetTrainer):
     resumes up to 49 epochs back, or from a truncated file. Here every epoch ends with a checkpoint written
     beside the target and renamed over it, so `--c` resumes from the last finished epoch.
 
-    Variants set `schedule` (see CPU_SCHEDULE) instead of repeating an `__init__`.
+    Variants set `schedule` (see CPU_SCHEDULE) and `batch_size_override` instead of repeating an `__init__`.
     """
     schedule: Optional[Tuple[int, int, int]] = None  # None keeps nnU-Net's 1000 x 250 (50 validation)
+    batch_size_override: Optional[int] = None  # None keeps the plans' batch
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -63,6 +65,11 @@ class nnScdTrainer(nnUNetTrainer):
         self.save_every = 1
         if self.schedule is not None:
             self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.schedule
+
+    def _set_batch_size_and_oversample(self) -> None:
+        if self.batch_size_override is not None:  # nnU-Net reads the batch from the configuration (DDP splits it)
+            self.configuration_manager.configuration["batch_size"] = self.batch_size_override
+        super()._set_batch_size_and_oversample()
 
     def save_checkpoint(self, filename: str) -> None:
         with atomic_path(filename) as tmp:
@@ -75,4 +82,5 @@ class nnScdTrainer_cpu(nnScdTrainer):
 
 
 class nnScdTrainer_budget(nnScdTrainer):
-    schedule = BUDGET_SCHEDULE
+    """nnU-Net's U-Net on the budget of the CPU Hippocampus comparison."""
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

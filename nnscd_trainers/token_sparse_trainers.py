@@ -23,7 +23,7 @@ from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.progress_plots import plot_per_epoch
 from nnscd.token_planning import apply_token_plan, token_plan_for
-from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
+from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
 
 
 def kept_foreground_share(keep_indices: List[torch.Tensor], target: torch.Tensor,
@@ -195,16 +195,16 @@ class ViTLightTrainer_cpu(ViTLightTrainer):
 
 
 class STPMTATrainer_budget(STPMTATrainer):
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
 class UNETRTrainer_budget(UNETRTrainer):
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
 class STPMTALightTrainer_budget(STPMTALightTrainer):
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
 class ViTLightTrainer_budget(ViTLightTrainer):
-    schedule = BUDGET_SCHEDULE
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

@@ -1,7 +1,7 @@
 """CPU comparison on MSD Task04 Hippocampus, fold 0: STP+MTA and APFormer trainers, their dense twins and nnU-Net's
 U-Net.
 
-Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE; batch and patch from nnScdPlans), is
+Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE and BUDGET_BATCH; patch from nnScdPlans), is
 trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict and is evaluated with nnU-Net's
 metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
 against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
@@ -158,7 +158,7 @@ def main() -> None:
 
 
 def summarise(work: Path, record: dict, trainers: List[str]) -> dict:
-    from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE
+    from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE
 
     rows, per_case = {}, {}
     for trainer in trainers:
@@ -178,14 +178,16 @@ def summarise(work: Path, record: dict, trainers: List[str]) -> dict:
             rows[trainer]["paired_vs_dense_twin"] = {"twin": twin,
                                                      **paired_difference(per_case[trainer], per_case[twin])}
     return {"dataset": DATASET, "configuration": CONFIG, "plans": PLANS, "fold": int(FOLD),
-            "schedule_epochs_iterations_val": list(BUDGET_SCHEDULE), "machine": f"{platform.processor() or 'cpu'}, "
-            f"{os.cpu_count()} cores, CPU only", "command": "python -m nnscd.experiments.hippocampus --msd "
-            "../shared/data/Task04_Hippocampus --out documentation/results", "trainers": rows}
+            "schedule_epochs_iterations_val": list(BUDGET_SCHEDULE), "batch_size": BUDGET_BATCH,
+            "machine": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, CPU only",
+            "command": "python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus "
+                       "--out documentation/results", "trainers": rows}
 
 
 def markdown(summary: dict) -> str:
     lines = [f"Fold {summary['fold']} of {summary['dataset']} ({summary['configuration']}, plans {summary['plans']}), "
-             f"schedule {summary['schedule_epochs_iterations_val']} (epochs, iterations, validation iterations), "
+             f"schedule {summary['schedule_epochs_iterations_val']} (epochs, iterations, validation iterations), batch "
+             f"{summary['batch_size']}, "
              f"{summary['machine']}.", "",
              "| trainer | Dice Anterior | Dice Posterior | mean | vs dense twin (mean, 95% CI) | GFLOPs/tile | train s "
              "| predict s |", "|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,7 @@ import json
 import io
 import os
 import sys
-from typing import Callable, Iterator, List, NoReturn, Optional
+from typing import Callable, ContextManager, Iterator, List, NoReturn, Optional
 
 from nnscd.paths import settle_environment
 from nnscd.safe_io import PARTIAL_PREFIX, atomic_path
@@ -52,6 +52,14 @@ def _flag(argv: List[str], flag: str, default: str) -> str:
     return argv[position] if position < len(argv) else default
 
 
+def _flag_values(argv: List[str], flag: str) -> Optional[List[str]]:
+    """The values after a flag that takes several (`-d 4 5`, `-f 0 1`), or None if it is absent."""
+    if flag not in argv:
+        return None
+    values = argv[argv.index(flag) + 1:]
+    return values[:next((i for i, a in enumerate(values) if a.startswith("-")), len(values))]
+
+
 def _prepare(argv: List[str], takes_device: bool = False) -> None:
     """Settle the environment; refuse a CUDA run on a machine without CUDA before any work starts."""
     import torch
@@ -79,15 +87,19 @@ def _nnscd_names() -> Iterator[None]:
         yield
 
 
-def _delegate(module: str, function: str, after: Optional[Callable[[List[str]], None]] = None) -> Callable[[], None]:
-    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment,
-    then `after(argv)` if given."""
+def _delegate(module: str, function: str, before: Optional[Callable[[List[str]], None]] = None,
+              after: Optional[Callable[[List[str]], None]] = None,
+              context: Callable[[], ContextManager] = contextlib.nullcontext) -> Callable[[], None]:
+    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment and
+    `context()`, after `before(argv)` (checks; skipped for -h) and before `after(argv)` if given."""
 
     def command() -> None:
         argv = sys.argv[1:]
         _prepare(argv)
+        if before is not None and "-h" not in argv and "--help" not in argv:
+            before(argv)
         entry = getattr(importlib.import_module(module), function)
-        with _nnscd_names():
+        with context(), _nnscd_names():
             entry()
         if after is not None:
             after(argv)
@@ -108,8 +120,7 @@ def _write_token_plans(argv: List[str]) -> None:
         return
     source = _flag(argv, "-overwrite_plans_name", "nnUNetPlans")
     target = PLANS_NAME if source == "nnUNetPlans" else f"{source}_nnScd"
-    datasets = argv[argv.index("-d") + 1:]
-    for dataset in datasets[:next((i for i, a in enumerate(datasets) if a.startswith("-")), len(datasets))]:
+    for dataset in _flag_values(argv, "-d"):
         folder = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
         with open(write_token_plans(folder, source, target)) as f:
             table = describe_token_plans(json.load(f))
@@ -117,13 +128,45 @@ def _write_token_plans(argv: List[str]) -> None:
               f"(train with -p {target}; nnU-Net's {source}.json is unchanged)\n{table}")
 
 
+def _check_raw_datasets(argv: List[str]) -> None:
+    """Before fingerprinting: every problem of each -d dataset (nnscd.input_checks), in one message per dataset."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnscd.input_checks import check_raw_dataset, describe
+
+    for dataset in _flag_values(argv, "-d") or []:
+        try:
+            folder = os.path.join(str(nnUNet_raw), maybe_convert_to_dataset_name(dataset))
+        except (RuntimeError, ValueError) as e:
+            fail(f"-d {dataset}: {e} Put the dataset in {nnUNet_raw} as DatasetXXX_Name (nnScd_convert_MSD_dataset "
+                 f"or dataset_conversion) or fix -d.")
+        problems = check_raw_dataset(folder, num_threads=int(_flag(argv, "-npfp", "4")))
+        if problems:
+            fail(describe(problems, folder))
+
+
+@contextlib.contextmanager
+def _atomic_preprocessing() -> Iterator[None]:
+    """Plans that name nnU-Net's DefaultPreprocessor get nnscd's, which writes each case atomically."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    from nnscd.atomic_preprocessor import nnScdPreprocessor
+
+    lookup = ConfigurationManager.preprocessor_class
+    atomic = property(lambda self: nnScdPreprocessor if self.preprocessor_name == "DefaultPreprocessor"
+                      else lookup.fget(self))
+    with _patched(ConfigurationManager, "preprocessor_class", atomic):
+        yield
+
+
 plan_and_preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                                "plan_and_preprocess_entry", after=_write_token_plans)
+                                "plan_and_preprocess_entry", before=_check_raw_datasets, after=_write_token_plans,
+                                context=_atomic_preprocessing)
 extract_fingerprint = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                                "extract_fingerprint_entry")
+                                "extract_fingerprint_entry", before=_check_raw_datasets)
 plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry",
                             after=_write_token_plans)
-preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry")
+preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry",
+                       context=_atomic_preprocessing)
 determine_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
                                      "entry_point_determine_postprocessing_folder")
 apply_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
@@ -135,8 +178,9 @@ install_pretrained_model_from_zip = _delegate("nnunetv2.model_sharing.entry_poin
 convert_msd_dataset = _delegate("dataset_conversion.msd", "main")  # nnunetv2's converter, fixed
 
 
-def check_trainer_name(name: str) -> None:
-    """Fail with the list of nnscd's trainers when nnU-Net's lookup (nnunetv2, nnUNet_extTrainer) cannot find `name`."""
+def check_trainer_name(name: str) -> type:
+    """The trainer class of `name`, found by nnU-Net's lookup (nnunetv2, nnUNet_extTrainer); if it finds none,
+    fail with the list of nnscd's trainers."""
     import nnscd_trainers
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -145,7 +189,7 @@ def check_trainer_name(name: str) -> None:
              f"configuration in result folder names. Rename the class.")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the lookup narrates every folder it searches
-            recursive_find_trainer_class_by_name(name)
+            return recursive_find_trainer_class_by_name(name)
     except RuntimeError:
         fail(f"unknown trainer '{name}'. nnscd's trainers: {', '.join(sorted(nnscd_trainers.__all__))}. "
              f"nnU-Net's own trainers (nnUNetTrainer, nnUNetTrainer_5epochs, ...) work too; for your own class, "
@@ -157,7 +201,15 @@ def train() -> None:
     argv = sys.argv[1:]
     _prepare(argv, takes_device=True)
     if "-h" not in argv and "--help" not in argv:
-        check_trainer_name(_flag(argv, "-tr", "nnUNetTrainer"))
+        trainer_class = check_trainer_name(_flag(argv, "-tr", "nnUNetTrainer"))
+        if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
+            from nnscd.input_checks import check_training_setup, describe
+
+            dataset, configuration, fold = argv[:3]
+            problems = check_training_setup(dataset, configuration, fold, trainer_class,
+                                            _flag(argv, "-p", "nnUNetPlans"), "--c" in argv)
+            if problems:
+                fail(describe(problems, f"nnScd_train {' '.join(argv[:3])}"))
     from nnunetv2.run.run_training import run_training_entry
     with _nnscd_names():
         run_training_entry()
@@ -176,6 +228,19 @@ def _check_prediction_folders(input_folder: str, output_folder: str) -> None:
         for name in os.listdir(output_folder):
             if name.startswith(PARTIAL_PREFIX):
                 os.remove(os.path.join(output_folder, name))
+
+
+def _check_prediction_input(argv: List[str], model_folder: str) -> None:
+    """Before the network is loaded: checkpoints, channels, dimensions and intensities of every input case."""
+    from nnscd.input_checks import check_prediction_input, describe
+
+    input_folder = _flag(argv, "-i", "")
+    continuing = "--continue_prediction" in argv or "--c" in argv
+    folds = _flag_values(argv, "-f") or ["0", "1", "2", "3", "4"]  # nnU-Net's default
+    problems = check_prediction_input(input_folder, model_folder, folds, _flag(argv, "-chk", "checkpoint_final.pth"),
+                                      continue_in=_flag(argv, "-o", "") if continuing else None)
+    if problems:
+        fail(describe(problems, f"the prediction of {input_folder} with {model_folder}"))
 
 
 def _nnscd_predictor():
@@ -207,6 +272,7 @@ def predict() -> None:
             fail(f"no trained model at {model_folder}. Train it first (nnScd_train {dataset} {configuration} FOLD "
                  f"-tr {trainer} -p {plans}), or pick one of the trained models in {parent}: "
                  f"{', '.join(trained) or 'none'}.")
+        _check_prediction_input(argv, model_folder)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     with _nnscd_predictor(), _nnscd_names():
         predict_entry_point()
@@ -222,6 +288,7 @@ def predict_from_modelfolder() -> None:
         if not os.path.isfile(os.path.join(model_folder, "plans.json")):
             fail(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
                  f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
+        _check_prediction_input(argv, model_folder)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
     with _nnscd_predictor(), _nnscd_names():
         predict_entry_point_modelfolder()

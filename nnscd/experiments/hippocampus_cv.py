@@ -9,7 +9,7 @@ and cross-validated per-class Dice, what postprocessing (and an ensemble) change
     python -m nnscd.experiments.hippocampus_cv --msd ../shared/data/Task04_Hippocampus --out documentation/results
 
 The default `STPMTATrainer_budget` is the short CPU schedule (nnscd_trainers BUDGET_SCHEDULE, BUDGET_BATCH); on a GPU
-pass `--trainer STPMTATrainer`. Finished steps are skipped when rerun. A fold trained without --npz (as by
+pass `--trainer STPMTATrainer --device cuda`. Finished steps are skipped when rerun. A fold trained without --npz (as by
 nnscd.experiments.hippocampus) is validated again with --npz; a fold another process is training now (a training log
 written in the last 30 minutes, no validation summary yet) is left to it and waited for at the end.
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
@@ -83,13 +83,13 @@ def _epoch_seconds(fold: Path) -> float:
     return float(np.sum(np.subtract(log["epoch_end_timestamps"], log["epoch_start_timestamps"])))
 
 
-def train_fold(record: Record, model: Path, trainer: str, fold: int) -> bool:
+def train_fold(record: Record, model: Path, trainer: str, fold: int, device: str) -> bool:
     """Train (or resume, or only re-validate with --npz) one fold; False if another process is on it."""
     folder = model / f"fold_{fold}"
     if _busy(folder):
         print(f"{trainer} fold {fold}: another process is training it, coming back later", flush=True)
         return False
-    command = ["nnScd_train", DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-p", PLANS, "-device", "cpu", "--npz"]
+    command = ["nnScd_train", DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-p", PLANS, "-device", device, "--npz"]
     if (folder / "checkpoint_final.pth").is_file():
         if not any((folder / "validation").glob("*.npz")) or not (folder / "validation" / "summary.json").is_file():
             record.run(f"validate {trainer} fold {fold}", [*command, "--val"])  # trained without --npz
@@ -101,22 +101,23 @@ def train_fold(record: Record, model: Path, trainer: str, fold: int) -> bool:
     return True
 
 
-def train_folds(record: Record, results: Path, trainer: str, folds: List[int]) -> None:
+def train_folds(record: Record, results: Path, trainer: str, folds: List[int], device: str) -> None:
     model = results / f"{trainer}__{PLANS}__{CONFIG}"
-    waiting = [f for f in folds if not train_fold(record, model, trainer, f)]
+    waiting = [f for f in folds if not train_fold(record, model, trainer, f, device)]
     deadline = time.time() + WAIT_S
     while waiting:
         if time.time() > deadline:
             sys.exit(f"{trainer} folds {waiting} are still being trained by another process after {WAIT_S // 60} "
                      f"minutes; rerun this command when they are done.")
         time.sleep(POLL_S)
-        waiting = [f for f in waiting if not train_fold(record, model, trainer, f)]
+        waiting = [f for f in waiting if not train_fold(record, model, trainer, f, device)]
 
 
-def predict_test_set(record: Record, info: dict, raw: Path, work: Path, folds: List[int]) -> Path:
+def predict_test_set(record: Record, info: dict, raw: Path, work: Path, folds: List[int], device: str) -> Path:
     """nnScd_predict imagesTs with the selected model (each member and nnScd_ensemble if an ensemble won), then
     nnScd_apply_postprocessing; returns the postprocessed folder."""
     best, n_test = info["best_model_or_ensemble"], _nii_count(raw / "imagesTs")
+    record.data["test_cases"] = n_test
     members = best["selected_model_or_models"]
     outputs = []
     for member in members:
@@ -125,7 +126,7 @@ def predict_test_set(record: Record, info: dict, raw: Path, work: Path, folds: L
             record.run(f"predict {member['trainer']}", [
                 "nnScd_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c",
                 member["configuration"], "-tr", member["trainer"], "-p", member["plans_identifier"], "-f",
-                *map(str, folds), "-device", "cpu", "--continue_prediction",
+                *map(str, folds), "-device", device, "--continue_prediction",
                 *(["--save_probabilities"] if len(members) > 1 else [])])
         outputs.append(output)
     if len(members) > 1:
@@ -165,10 +166,18 @@ def _dice(summary: dict) -> dict:
             "mean": round(summary["foreground_mean"]["Dice"], 4)}
 
 
-def summarise(results: Path, info: dict, record: dict, trainers: List[str], folds: List[int]) -> dict:
-    """Everything the Markdown section shows, from the files nnU-Net wrote and the record."""
+def schedule_text(trainers: List[str]) -> str:
     from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE
 
+    if not all(t.endswith("_budget") for t in trainers):
+        return "the trainers' own schedule"
+    return (f"short CPU budget: {BUDGET_SCHEDULE[0]} epochs x {BUDGET_SCHEDULE[1]} iterations, batch {BUDGET_BATCH} "
+            f"(nnU-Net: 1000 x 250 at batch 2); a check of the protocol, not a converged model")
+
+
+def summarise(results: Path, info: dict, record: dict, trainers: List[str], folds: List[int], schedule: str,
+              device: str) -> dict:
+    """Everything the Markdown section shows, from the files nnU-Net wrote and the record."""
     per_fold = {}
     for trainer in trainers:
         model = results / f"{trainer}__{PLANS}__{CONFIG}"
@@ -185,14 +194,11 @@ def summarise(results: Path, info: dict, record: dict, trainers: List[str], fold
     best = info["best_model_or_ensemble"]
     postprocessing = json.loads(Path(best["postprocessing_file"]).with_name("postprocessing.json").read_text())
     best_name = max(info["all_results"], key=info["all_results"].get)
-    budget = all(t.endswith("_budget") for t in trainers)
     return {
         "dataset": DATASET, "configuration": CONFIG, "plans": PLANS, "trainers": trainers, "folds": folds,
-        "schedule": (f"short CPU budget: {BUDGET_SCHEDULE[0]} epochs x {BUDGET_SCHEDULE[1]} iterations, batch "
-                     f"{BUDGET_BATCH} (nnU-Net: 1000 x 250 at batch 2); a protocol check, not a converged model"
-                     if budget else "the trainers' own schedule"),
+        "schedule": schedule,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-                    "cores": os.cpu_count(), "device": "cpu"},
+                    "cores": os.cpu_count(), "device": device},
         "per_fold": per_fold,
         "cross_validation": crossval,
         "ensemble": (f"{len(crossval) - len(trainers)} ensemble(s) evaluated" if len(trainers) > 1 else
@@ -201,17 +207,17 @@ def summarise(results: Path, info: dict, record: dict, trainers: List[str], fold
                  "after_postprocessing": _dice(postprocessing["postprocessed"]),
                  "postprocessing_fns": postprocessing["postprocessing_fns"],
                  "postprocessing_kwargs": postprocessing["postprocessing_kwargs"]},
-        "steps": record["steps"],
+        "invocations": record.get("invocations", []), "steps": record["steps"], "test_cases": record.get("test_cases"),
         "submission": record.get("submission"),
     }
 
 
 def markdown(summary: dict) -> str:
-    machine = summary["machine"]
-    lines = [f"### 5-fold cross-validation, model selection and the Task04 submission ({', '.join(summary['trainers'])})",
-             "", f"{summary['dataset']}, {summary['configuration']}, plans {summary['plans']}, folds "
-             f"{' '.join(map(str, summary['folds']))}. Schedule: {summary['schedule']}. Machine: {machine['platform']}, "
-             f"{machine['processor']}, {machine['cores']} cores, CPU only.", "",
+    machine, trainers = summary["machine"], ", ".join(summary["trainers"])
+    lines = [f"### 5-fold cross-validation, model selection and the Task04 submission ({trainers})", "",
+             f"{summary['dataset']}, {summary['configuration']}, plans {summary['plans']}, folds "
+             f"{' '.join(map(str, summary['folds']))}. Schedule: {summary['schedule']}. Machine: "
+             f"{machine['platform']}, {machine['processor']}, {machine['cores']} cores, {machine['device']}.", "",
              "Per fold (each fold's validation cases, `fold_X/validation/summary.json`):", "",
              "| trainer | fold | cases | Dice Anterior | Dice Posterior | mean | training epochs s |",
              "|---|---|---|---|---|---|---|"]
@@ -228,13 +234,16 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Ensemble: {summary['ensemble']}. Selected: `{best['name']}`.", "",
               f"Postprocessing (chosen on the cross-validation: {', '.join(best['postprocessing_fns']) or 'none'} "
               f"{best['postprocessing_kwargs'] if best['postprocessing_fns'] else ''}):", "",
-              "| | Dice Anterior | Dice Posterior | mean |", "|---|---|---|---|",
-              f"| before | {before['Anterior']:.4f} | {before['Posterior']:.4f} | {before['mean']:.4f} |",
-              f"| after | {after['Anterior']:.4f} | {after['Posterior']:.4f} | {after['mean']:.4f} |",
-              f"| change | {after['Anterior'] - before['Anterior']:+.4f} | {after['Posterior'] - before['Posterior']:+.4f} "
-              f"| {after['mean'] - before['mean']:+.4f} |", "",
-              "Commands in the order run, with wall times (the 1-minute load average after each says how busy the "
-              "machine was):", "", "| step | wall s | load | command |", "|---|---|---|---|"]
+              "| | Dice Anterior | Dice Posterior | mean |", "|---|---|---|---|"]
+    change = {k: after[k] - before[k] for k in before}
+    lines += [f"| {name} | {d['Anterior']:{fmt}} | {d['Posterior']:{fmt}} | {d['mean']:{fmt}} |"
+              for name, d, fmt in (("before", before, ".4f"), ("after", after, ".4f"), ("change", change, "+.4f"))]
+    invocations = "; ".join(f"`{i}`" for i in summary["invocations"])
+    found = " and ".join(s for s in ("convert", "plan and preprocess") if s not in summary["steps"])
+    found = f" (here {found}, done with the same commands by `nnscd.experiments.hippocampus`)" if found else ""
+    lines += ["", f"Run as {invocations}. Steps found done are skipped and not listed{found}. Commands in the "
+              f"order run, with wall times and the 1-minute load average after each (how busy the machine was); "
+              f"{summary['test_cases']} test cases:", "", "| step | wall s | load | command |", "|---|---|---|---|"]
     lines += [f"| {key} | {step['wall_s']:.0f} | {step['load_average_1min']} | `{step['command']}` |"
               for key, step in summary["steps"].items()]
     submission = summary["submission"]
@@ -255,7 +264,7 @@ def plot(summary: dict, path: Path) -> None:
 
     bars = {f"{trainer.split('_')[0]} f{fold}": row for trainer, rows in summary["per_fold"].items()
             for fold, row in rows.items()}
-    bars.update({"CV best": summary["best"]["before_postprocessing"], "CV best + pp": summary["best"]["after_postprocessing"]})
+    bars.update({"CV": summary["best"]["before_postprocessing"], "CV + pp": summary["best"]["after_postprocessing"]})
     x = np.arange(len(bars))
     figure, axis = plt.subplots(figsize=(max(6, len(bars) * 0.8), 3.5))
     for i, label in enumerate(LABELS.values()):
@@ -276,16 +285,19 @@ def main() -> None:
     parser.add_argument("--msd", required=True, help="the MSD Task04_Hippocampus folder (imagesTs, dataset.json)")
     parser.add_argument("--out", required=True, help="where the JSON, Markdown and plot summaries go")
     parser.add_argument("--trainer", default="STPMTATrainer_budget")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for training and prediction")
     parser.add_argument("--ensemble-with", help="a second trainer, trained on the same folds and ensembled")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="folds in training order (a fold another process is training goes last)")
     args = parser.parse_args()
-    settle_environment(cpu=True)
+    settle_environment(cpu=args.device == "cpu")
     raw, preprocessed = (Path(os.environ[n]) / DATASET for n in ("nnUNet_raw", "nnUNet_preprocessed"))
     results = Path(os.environ["nnUNet_results"]) / DATASET
     trainers, folds = [args.trainer, *([args.ensemble_with] if args.ensemble_with else [])], sorted(args.folds)
     work = results / f"nnscd_cv_{'_'.join(trainers)}"
     record = Record(work / "record.json")
+    record.data.setdefault("invocations", []).append(" ".join(["python -m nnscd.experiments.hippocampus_cv",
+                                                               *sys.argv[1:]]))
 
     if not (raw / "dataset.json").is_file():
         record.run("convert", ["nnScd_convert_MSD_dataset", "-i", args.msd, "-np", "2"])
@@ -293,7 +305,7 @@ def main() -> None:
         record.run("plan and preprocess", ["nnScd_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG, "-np", "2",
                                            "-npfp", "2", "--verify_dataset_integrity"])
     for trainer in trainers:
-        train_folds(record, results, trainer, args.folds)
+        train_folds(record, results, trainer, args.folds, args.device)
 
     info_file = work / "inference_information.json"
     if not info_file.is_file():
@@ -304,15 +316,16 @@ def main() -> None:
         shutil.copy(results / "inference_information.json", info_file)
     info = json.loads(info_file.read_text())
 
-    postprocessed = predict_test_set(record, info, raw, work, folds)
+    postprocessed = predict_test_set(record, info, raw, work, folds, args.device)
     package(record, Path(args.msd), postprocessed, work / f"{MSD_TASK}_submission.zip")
 
-    summary = summarise(results, info, record.data, trainers, folds)
+    summary = summarise(results, info, record.data, trainers, folds, schedule_text(trainers), args.device)
     out = Path(args.out)
-    _save_json(out / "hippocampus_cv_cpu.json", summary)
-    with atomic_path(str(out / "hippocampus_cv_cpu.md")) as tmp:
+    name = f"hippocampus_cv_{args.device}"
+    _save_json(out / f"{name}.json", summary)
+    with atomic_path(str(out / f"{name}.md")) as tmp:
         Path(tmp).write_text(markdown(summary))
-    plot(summary, out / "hippocampus_cv_cpu.png")
+    plot(summary, out / f"{name}.png")
     print(markdown(summary))
 
 

@@ -1,12 +1,15 @@
 """The base of every nnscd trainer: nnU-Net's trainer with outputs a kill cannot corrupt."""
 from typing import Optional, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnscd.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.predictor import nnScdPredictor
 from nnscd.safe_io import atomic_path
 
 # (epochs, training iterations per epoch, validation iterations per epoch): minutes on a 2-core CPU
@@ -47,7 +50,8 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 class nnScdTrainer(nnUNetTrainer):
-    """nnUNetTrainer with atomic checkpoints and validation exports, and a resumable checkpoint every epoch.
+    """nnUNetTrainer with atomic checkpoints and validation exports, a resumable checkpoint every epoch, and the
+    final validation predicted by nnscd's batched predictor.
 
     nnU-Net writes `checkpoint_latest.pth` every 50 epochs and with a plain `torch.save`; a killed job then
     resumes up to 49 epochs back, or from a truncated file. Here every epoch ends with a checkpoint written
@@ -70,6 +74,11 @@ class nnScdTrainer(nnUNetTrainer):
         if self.batch_size_override is not None:  # nnU-Net reads the batch from the configuration (DDP splits it)
             self.configuration_manager.configuration["batch_size"] = self.batch_size_override
         super()._set_batch_size_and_oversample()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's final validation, its sliding window run by nnScdPredictor (same labels, fewer forwards)."""
+        with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", nnScdPredictor):
+            super().perform_actual_validation(save_probabilities)
 
     def save_checkpoint(self, filename: str) -> None:
         with atomic_path(filename) as tmp:

@@ -1,4 +1,5 @@
 """nnScd_benchmark (network mode): speed, memory and FLOPs of networks side by side, on the same input.
+(`-d DATASET ...` and `--predict ...`: nnscd/benchmark_pipeline.py.)
 
 For each network: training step (forward, backward, AdamW step) and inference (torch.inference_mode) as the
 median of repeats after warm-up, peak memory, forward FLOPs measured by FlopCounterMode and predicted by the
@@ -9,7 +10,7 @@ machine load on average (a shared CPU, GPU clocks): the ratios stay fair when ab
 is measured per network alone: on CUDA as max allocated over one training step and one inference; on CPU in a
 fresh subprocess (ru_maxrss), so that it is that network's own peak (the interpreter with torch included).
 
-`measure_network` measures one network end to end; a dataset mode hands it a real batch and the trainer's loss.
+`measure_network` measures one network end to end on any batch.
 """
 import argparse
 import csv
@@ -195,10 +196,10 @@ def write_json(path: str, report: dict) -> None:
         json.dump(report, f, indent=2)
 
 
-def write_csv(path: str, results: Sequence[dict]) -> None:
+def write_csv(path: str, results: Sequence[dict], fields: Sequence[str] = RESULT_KEYS) -> None:
     make_parent(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_KEYS)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
 
@@ -281,6 +282,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-d" in argv or "--predict" in argv:  # dataset and predict modes: nnscd.benchmark_pipeline
+        from nnscd.benchmark_pipeline import main as pipeline_main
+        return pipeline_main(argv)
     args = parse_args(argv)
     if args.worker:
         result = static_in_process(args.net[0], args)

@@ -31,7 +31,8 @@ def test_summary_markdown_and_plot(tmp_path):
         "postprocessing_kwargs": [{"labels_or_regions": 1}]})
     info = {"all_results": {MODEL: 0.475}, "best_model_or_ensemble": {
         "postprocessing_file": str(crossval / "postprocessing.pkl"), "selected_model_or_models": []}}
-    record = {"steps": {"train STPMTATrainer_budget fold 1": {"command": "nnScd_train 4 3d_fullres 1", "wall_s": 60.0,
+    record = {"invocations": ["python -m nnscd.experiments.hippocampus_cv --msd MSD --out OUT"],
+              "steps": {"train STPMTATrainer_budget fold 1": {"command": "nnScd_train 4 3d_fullres 1", "wall_s": 60.0,
                                                               "load_average_1min": 2.1}},
               "epochs_s": {"STPMTATrainer_budget": {"1": 55.0}},
               "submission": {"command": "nnScd_msd_submission", "passed": True, "archive": "$nnUNet_results/x.zip",

@@ -166,6 +166,13 @@ def _dice(summary: dict) -> dict:
             "mean": round(summary["foreground_mean"]["Dice"], 4)}
 
 
+def _processor() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else platform.processor() or "unknown processor"
+
+
 def schedule_text(trainers: List[str]) -> str:
     from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE
 
@@ -197,7 +204,7 @@ def summarise(results: Path, info: dict, record: dict, trainers: List[str], fold
     return {
         "dataset": DATASET, "configuration": CONFIG, "plans": PLANS, "trainers": trainers, "folds": folds,
         "schedule": schedule,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+        "machine": {"platform": platform.platform(), "processor": _processor(),
                     "cores": os.cpu_count(), "device": device},
         "per_fold": per_fold,
         "cross_validation": crossval,
@@ -239,17 +246,21 @@ def markdown(summary: dict) -> str:
     lines += [f"| {name} | {d['Anterior']:{fmt}} | {d['Posterior']:{fmt}} | {d['mean']:{fmt}} |"
               for name, d, fmt in (("before", before, ".4f"), ("after", after, ".4f"), ("change", change, "+.4f"))]
     invocations = "; ".join(f"`{i}`" for i in summary["invocations"])
-    found = " and ".join(s for s in ("convert", "plan and preprocess") if s not in summary["steps"])
+    found = " and ".join(name for step, name in (("convert", "the conversion"), ("plan and preprocess", "planning"))
+                         if step not in summary["steps"])
     found = f" (here {found}, done with the same commands by `nnscd.experiments.hippocampus`)" if found else ""
     lines += ["", f"Run as {invocations}. Steps found done are skipped and not listed{found}. Commands in the "
-              f"order run, with wall times and the 1-minute load average after each (how busy the machine was); "
-              f"{summary['test_cases']} test cases:", "", "| step | wall s | load | command |", "|---|---|---|---|"]
+              f"order run, with wall times and the 1-minute load average after each (how busy the machine was):", "",
+              "| step | wall s | load | command |", "|---|---|---|---|"]
     lines += [f"| {key} | {step['wall_s']:.0f} | {step['load_average_1min']} | `{step['command']}` |"
               for key, step in summary["steps"].items()]
     submission = summary["submission"]
-    if submission:
+    if not submission:
+        lines += ["", "Test-set prediction and submission: not finished yet."]
+    else:
         verdict = "passed" if submission["passed"] else "FAILED"
-        lines += ["", f"Submission: `{submission['command']}` {verdict} the packager's checks "
+        lines += ["", f"Submission ({summary['test_cases']} test cases): `{submission['command']}` {verdict} the "
+                  f"packager's checks "
                   f"(every test case predicted, in the test image's geometry, with the task's labels): "
                   f"`{submission['archive']}`, {(submission['size_bytes'] or 0) / 1e6:.2f} MB, not committed. "
                   f"Packager: {' / '.join(submission['packager_output'][-2:])}"]
@@ -278,6 +289,15 @@ def plot(summary: dict, path: Path) -> None:
     with atomic_path(str(path)) as tmp:
         figure.savefig(tmp, dpi=80)
     plt.close(figure)
+
+
+def write_summaries(stem: Path, summary: dict) -> None:
+    """JSON, Markdown and plot; written once the cross-validation is done (the test-set prediction takes long on a
+    CPU) and again at the end."""
+    _save_json(stem.with_suffix(".json"), summary)
+    with atomic_path(str(stem.with_suffix(".md"))) as tmp:
+        Path(tmp).write_text(markdown(summary))
+    plot(summary, stem.with_suffix(".png"))
 
 
 def main() -> None:
@@ -315,17 +335,13 @@ def main() -> None:
         shutil.copy(results / "inference_instructions.txt", work / "inference_instructions.txt")
         shutil.copy(results / "inference_information.json", info_file)
     info = json.loads(info_file.read_text())
+    write_summaries(Path(args.out) / f"hippocampus_cv_{args.device}",
+                    summarise(results, info, record.data, trainers, folds, schedule_text(trainers), args.device))
 
     postprocessed = predict_test_set(record, info, raw, work, folds, args.device)
     package(record, Path(args.msd), postprocessed, work / f"{MSD_TASK}_submission.zip")
-
     summary = summarise(results, info, record.data, trainers, folds, schedule_text(trainers), args.device)
-    out = Path(args.out)
-    name = f"hippocampus_cv_{args.device}"
-    _save_json(out / f"{name}.json", summary)
-    with atomic_path(str(out / f"{name}.md")) as tmp:
-        Path(tmp).write_text(markdown(summary))
-    plot(summary, out / f"{name}.png")
+    write_summaries(Path(args.out) / f"hippocampus_cv_{args.device}", summary)
     print(markdown(summary))
 
 

@@ -2,8 +2,8 @@
 U-Net.
 
 Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE and BUDGET_BATCH; patch from nnScdPlans), is
-trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict and is evaluated with nnU-Net's
-metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
+trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict (without mirroring: a CPU budget)
+and is evaluated with nnU-Net's metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
 against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
 pruning rates, forward GFLOPs per tile on real cases (eval mode, so pruning counts), wall times.
 
@@ -135,7 +135,7 @@ def main() -> None:
         if not (prediction / "summary.json").is_file():
             entry["predict_wall_s"] = _run(["nnScd_predict", "-i", str(images), "-o", str(prediction), "-d",
                                             DATASET_ID, "-c", CONFIG, "-tr", trainer, "-p", PLANS, "-f", FOLD,
-                                            "-device", "cpu", "-npp", "0", "-nps", "0"])
+                                            "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"])
             _run(["nnScd_evaluate_folder", str(labels), str(prediction), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json"), "-np", "2"])
         if "gflops_per_tile" not in entry:

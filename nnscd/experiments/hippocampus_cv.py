@@ -238,9 +238,11 @@ def markdown(summary: dict) -> str:
               for name, d in summary["cross_validation"].items()]
     best = summary["best"]
     before, after = best["before_postprocessing"], best["after_postprocessing"]
+    steps = "; ".join(f"`{fn}({', '.join(f'{k}={v}' for k, v in kwargs.items())})`"
+                      for fn, kwargs in zip(best["postprocessing_fns"], best["postprocessing_kwargs"]))
     lines += ["", f"Ensemble: {summary['ensemble']}. Selected: `{best['name']}`.", "",
-              f"Postprocessing (chosen on the cross-validation: {', '.join(best['postprocessing_fns']) or 'none'} "
-              f"{best['postprocessing_kwargs'] if best['postprocessing_fns'] else ''}):", "",
+              f"Postprocessing, chosen on the pooled cross-validation and applied in this order: {steps or 'none'}. "
+              f"Its effect there:", "",
               "| | Dice Anterior | Dice Posterior | mean |", "|---|---|---|---|"]
     change = {k: after[k] - before[k] for k in before}
     lines += [f"| {name} | {d['Anterior']:{fmt}} | {d['Posterior']:{fmt}} | {d['mean']:{fmt}} |"

@@ -98,7 +98,7 @@ def central_tile(predictor, data: np.ndarray) -> Tuple[np.ndarray, tuple]:
     """nnU-Net's padding and sliding-window tiles; the tile whose centre is nearest the image centre."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
-    padded = pad_nd_image(data, predictor.configuration_manager.patch_size, "constant", {"value": 0})
+    padded = pad_nd_image(data, predictor.configuration_manager.patch_size, "constant", {"constant_values": 0})
     centre = np.array(padded.shape[1:]) / 2
 
     def distance(slicer: tuple) -> float:

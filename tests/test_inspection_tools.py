@@ -188,3 +188,17 @@ def test_shuffle_ablation_permutes_token_positions_alike_in_every_map(tiny_net, 
                        orders[0])  # seeded
     assert not torch.equal(token_permutation(clean[0], decoder_inputs(net, x, "shuffle", monkeypatch, seed=2)[0][0]),
                            orders[0])
+
+
+def test_central_tile_pads_a_case_smaller_than_the_patch():
+    """Hippocampus cases (about 36 x 50 x 35) are smaller than their patch (40 x 56 x 40): padded as nnU-Net does."""
+    from types import SimpleNamespace
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnscd.token_maps import central_tile
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"))
+    predictor.configuration_manager = SimpleNamespace(patch_size=[8, 8, 8])
+    data = np.ones((1, 6, 7, 8), np.float32)
+    tile, _ = central_tile(predictor, data)
+    assert tile.shape == (1, 8, 8, 8) and tile.sum() == data.sum()

@@ -152,7 +152,8 @@ def package(record: Record, msd: Path, predictions: Path, archive: Path) -> None
     done = subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], capture_output=True,
                           text=True)
     print(done.stdout + done.stderr, flush=True)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip() and "%|" not in line]
+    output = (done.stdout + done.stderr).splitlines()
+    lines = [_portable([line]) for line in output if line.strip() and "%|" not in line]  # no progress bars
     record.data["submission"] = {"command": _portable(command), "passed": done.returncode == 0,
                                  "archive": _portable([str(archive)]),
                                  "size_bytes": archive.stat().st_size if archive.is_file() else None,

@@ -3,8 +3,8 @@ U-Net.
 
 Every trainer gets the same budget (nnscd_trainers BUDGET_SCHEDULE and BUDGET_BATCH; patch from nnScdPlans), is
 trained with nnScd_train, predicts the fold-0 validation cases with nnScd_predict (without mirroring: a CPU budget)
-and is evaluated with nnU-Net's metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired difference of each sparse trainer
-against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
+and is evaluated with nnU-Net's metrics. Writes a JSON and a Markdown table: per-class Dice, the per-case paired
+difference of each sparse trainer against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
 pruning rates, forward GFLOPs per tile on real cases (eval mode, so pruning counts), wall times.
 
     python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus --out documentation/results
@@ -120,30 +120,38 @@ def main() -> None:
               "--verify_dataset_integrity"])
 
     work = results / "nnscd_fold0_comparison"
+    work.mkdir(parents=True, exist_ok=True)
     record_file = work / "record.json"  # wall times survive a rerun that skips finished steps
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+
+    def timed(trainer: str, key: str, command: List[str]) -> None:
+        """Run a step and record its wall time at once (a kill later loses nothing)."""
+        record.setdefault(trainer, {})[key] = _run(command)
+        with atomic_path(str(record_file)) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2))
+
+    split = json.loads((preprocessed / "splits_final.json").read_text())[int(FOLD)]["val"]
+    images = _linked_folder(work / "images", [raw / "imagesTr" / f"{c}_0000.nii.gz" for c in split])
+    labels = _linked_folder(work / "labels", [raw / "labelsTr" / f"{c}.nii.gz" for c in split])
     for trainer in args.trainers:
         model = results / f"{trainer}__{PLANS}__{CONFIG}"
-        entry = record.setdefault(trainer, {})
         if not (model / f"fold_{FOLD}" / "checkpoint_final.pth").is_file():
-            entry["train_wall_s"] = _run(["nnScd_train", DATASET_ID, CONFIG, FOLD, "-tr", trainer, "-p", PLANS,
-                                          "-device", "cpu"])
-        split = json.loads((preprocessed / "splits_final.json").read_text())[int(FOLD)]["val"]
-        images = _linked_folder(work / "images", [raw / "imagesTr" / f"{c}_0000.nii.gz" for c in split])
-        labels = _linked_folder(work / "labels", [raw / "labelsTr" / f"{c}.nii.gz" for c in split])
+            timed(trainer, "train_wall_s", ["nnScd_train", DATASET_ID, CONFIG, FOLD, "-tr", trainer, "-p", PLANS,
+                                            "-device", "cpu"])
         prediction = work / trainer
         if not (prediction / "summary.json").is_file():
-            entry["predict_wall_s"] = _run(["nnScd_predict", "-i", str(images), "-o", str(prediction), "-d",
-                                            DATASET_ID, "-c", CONFIG, "-tr", trainer, "-p", PLANS, "-f", FOLD,
-                                            "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"])
+            timed(trainer, "predict_wall_s", ["nnScd_predict", "-i", str(images), "-o", str(prediction), "-d",
+                                              DATASET_ID, "-c", CONFIG, "-tr", trainer, "-p", PLANS, "-f", FOLD,
+                                              "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"])
             _run(["nnScd_evaluate_folder", str(labels), str(prediction), "-djfile", str(model / "dataset.json"),
                   "-pfile", str(model / "plans.json"), "-np", "2"])
-        if "gflops_per_tile" not in entry:
-            entry["gflops_per_tile"] = gflops_per_tile(model, sorted(images.iterdir())[:FLOP_CASES])
+        if "gflops_per_tile" not in record.setdefault(trainer, {}):
+            flops = gflops_per_tile(model, sorted(images.iterdir())[:FLOP_CASES])
+            record[trainer]["gflops_per_tile"] = flops
         if trainer in ABLATED and not (work / f"ablation_{trainer}" / "ablation.json").is_file():
-            _run(["nnScd_attention_ablation", "-m", str(model), "-f", FOLD, "-i", str(images), "-ref", str(labels),
-                  "-o", str(work / f"ablation_{trainer}"), "-device", "cpu"])
-        work.mkdir(parents=True, exist_ok=True)
+            timed(trainer, "ablation_wall_s", ["nnScd_attention_ablation", "-m", str(model), "-f", FOLD, "-i",
+                                               str(images), "-ref", str(labels), "-o", str(work / f"ablation_{trainer}"),
+                                               "-device", "cpu"])
         with atomic_path(str(record_file)) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2))
 

@@ -128,7 +128,7 @@ def test_preprocessing_killed_mid_dataset_then_rerun(nnunet_env, planned_dataset
     from nnscd_trainers import nnScdTrainer_cpu
 
     # a 4-case copy of the session dataset, so the shared one is never left half-preprocessed
-    name = "Dataset992_NnscdKill"
+    name = "Dataset994_NnscdKill"
     raw, base = Path(nnunet_env["nnUNet_raw"]) / name, Path(nnunet_env["nnUNet_preprocessed"]) / name
     cases = [f"case_{i:03d}" for i in range(4)]
     for sub, suffix in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
@@ -141,17 +141,17 @@ def test_preprocessing_killed_mid_dataset_then_rerun(nnunet_env, planned_dataset
         content.update(numTraining=4) if file == "dataset.json" else content.update(dataset_name=name)
         (raw / file if file == "dataset.json" else base / file).write_text(json.dumps(content))
     shutil.copy(raw / "dataset.json", base / "dataset.json")
-    command = ["-d", "992", "-c", CONFIG, "-np", "1"]
+    command = ["-d", "994", "-c", CONFIG, "-np", "1"]
 
     run_until_killed(KILL_PREPROCESSING.replace("{case}", "case_002"), command, nnunet_env, tmp_path)
     data = base / "nnUNetPlans_3d_fullres"
     assert complete_cases(data) == cases[:2]  # the killed case is not listed, the others are whole
-    problems = check_training_setup("992", CONFIG, "0", nnScdTrainer_cpu, "nnUNetPlans", False)
+    problems = check_training_setup("994", CONFIG, "0", nnScdTrainer_cpu, "nnUNetPlans", False)
     assert len(problems) == 1 and "preprocessing did not finish (2 of 4 cases" in problems[0], problems
 
     run_command(["nnScd_preprocess", *command], nnunet_env)
     assert complete_cases(data) == cases and not [n for n in os.listdir(data) if n.startswith(".")]
-    assert check_training_setup("992", CONFIG, "0", nnScdTrainer_cpu, "nnUNetPlans", False) == []
+    assert check_training_setup("994", CONFIG, "0", nnScdTrainer_cpu, "nnUNetPlans", False) == []
 
 
 def test_prediction_killed_mid_folder_then_continue(nnunet_env, planned_dataset, trained_model, tmp_path):

@@ -28,23 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnscd.benchmark import (RESULT_KEYS, device_description, forward_flops, peak_memory_mb, synchronize,
-                             write_csv, write_json, write_plot)
+from nnscd.benchmark import (RESULT_KEYS, device_description, forward_flops, interleaved_medians, make_parent,
+                             peak_memory_mb, synchronize, write_csv, write_json, write_plot)
 from nnscd.safe_io import atomic_path
 
 PIPELINE_KEYS = ("iter_s_with_loading", "iter_s_without_loading", "iterations_per_epoch", "epoch_s_with_loading",
                  "epoch_s_without_loading")
-
-
-def median_seconds(step: Callable[[], None], iters: int, device: torch.device) -> float:
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,16 +61,15 @@ def measure_trainer(args: argparse.Namespace, trainer_name: str) -> dict:
     loader, _ = trainer.get_dataloaders()
     network, iters = trainer.network, args.iters
     try:
-        for _ in range(args.warmup):
-            trainer.train_step(next(loader))
-        with_loading = median_seconds(lambda: trainer.train_step(next(loader)), iters, device)
+        with_loading = interleaved_medians({"step": lambda: trainer.train_step(next(loader))}, iters, args.warmup,
+                                           device)["step"]
         batch = next(loader)
-        without_loading = median_seconds(lambda: trainer.train_step(batch), iters, device)
+        without_loading = interleaved_medians({"step": lambda: trainer.train_step(batch)}, iters, 0, device)["step"]
         data = batch["data"].to(device)
         network.eval()
         autocast = torch.autocast(device.type) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with torch.inference_mode(), autocast:
-            infer = median_seconds(lambda: network(data), iters, device)
+            infer = interleaved_medians({"forward": lambda: network(data)}, iters, 0, device)["forward"]
         gflops = forward_flops(unwrap(network), data) / 1e9
     finally:
         if hasattr(loader, "_finish"):  # nnU-Net's augmentation workers are processes: end them with the measurement
@@ -210,7 +198,7 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
 def write_predict_csv(path: str, rows: Sequence[dict]) -> None:
     import csv
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_parent(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "tiles", "nnunet_s", "nnscd_s", "speedup", "identical_fraction", "min_dice"])

@@ -124,11 +124,14 @@ def main() -> None:
     record_file = work / "record.json"  # wall times survive a rerun that skips finished steps
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
 
+    def save_record() -> None:
+        with atomic_path(str(record_file)) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2))
+
     def timed(trainer: str, key: str, command: List[str]) -> None:
         """Run a step and record its wall time at once (a kill later loses nothing)."""
         record.setdefault(trainer, {})[key] = _run(command)
-        with atomic_path(str(record_file)) as tmp:
-            Path(tmp).write_text(json.dumps(record, indent=2))
+        save_record()
 
     split = json.loads((preprocessed / "splits_final.json").read_text())[int(FOLD)]["val"]
     images = _linked_folder(work / "images", [raw / "imagesTr" / f"{c}_0000.nii.gz" for c in split])
@@ -152,8 +155,7 @@ def main() -> None:
             timed(trainer, "ablation_wall_s", ["nnScd_attention_ablation", "-m", str(model), "-f", FOLD, "-i",
                                                str(images), "-ref", str(labels), "-o", str(work / f"ablation_{trainer}"),
                                                "-device", "cpu"])
-        with atomic_path(str(record_file)) as tmp:
-            Path(tmp).write_text(json.dumps(record, indent=2))
+        save_record()
 
     summary = summarise(work, record, args.trainers)
     out = Path(args.out)

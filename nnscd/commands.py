@@ -202,6 +202,11 @@ def train() -> None:
     _prepare(argv, takes_device=True)
     if "-h" not in argv and "--help" not in argv:
         trainer_class = check_trainer_name(_flag(argv, "-tr", "nnUNetTrainer"))
+        from nnscd_trainers.nnscd_trainer import seed_from_environment
+        try:
+            seed_from_environment()
+        except ValueError as error:
+            fail(str(error))
         if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
             from nnscd.input_checks import check_training_setup, describe
 

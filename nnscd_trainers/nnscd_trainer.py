@@ -1,8 +1,12 @@
-"""The base of every nnscd trainer: nnU-Net's trainer with outputs a kill cannot corrupt."""
-from typing import Optional, Tuple
+"""The base of every nnscd trainer: nnU-Net's trainer with outputs a kill cannot corrupt, and reproducible on request."""
+import os
+import random
+from typing import List, Optional, Tuple
 from unittest import mock
 
+import numpy as np
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
@@ -43,6 +47,32 @@ class WarmupPolyLR(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+SEED_ENV = "nnScd_seed"
+
+
+def seed_from_environment() -> Optional[int]:
+    """The integer in $nnScd_seed, or None when unset (nnU-Net's behaviour: a different run every time)."""
+    value = os.environ.get(SEED_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={value!r} is not an integer: set it to e.g. 0, or unset it") from None
+
+
+class SeededAugmenter(NonDetMultiThreadedAugmenter):
+    """nnU-Net's augmentation workers, each with a fixed seed (nnU-Net passes seeds=None, so every worker reseeds
+    numpy from the OS and two runs never see the same patches). The first seed comes from the global numpy RNG,
+    which the trainer seeded, so training and validation loaders get different but fixed streams."""
+
+    def __init__(self, data_loader, transform, num_processes: int, *args, seeds: Optional[List[int]] = None,
+                 **kwargs):
+        first = int(np.random.randint(0, 2 ** 31 - num_processes))
+        super().__init__(data_loader, transform, num_processes, *args,
+                         seeds=[first + i for i in range(num_processes)], **kwargs)
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The network itself, under DDP and torch.compile wrappers."""
     network = getattr(network, "module", network)
@@ -57,6 +87,9 @@ class nnScdTrainer(nnUNetTrainer):
     resumes up to 49 epochs back, or from a truncated file. Here every epoch ends with a checkpoint written
     beside the target and renamed over it, so `--c` resumes from the last finished epoch.
 
+    With `nnScd_seed=N` in the environment, weights, patch sampling and augmentation are seeded: two runs on the
+    same machine, with at most one augmentation worker (`nnUNet_n_proc_DA`), give the same losses and model.
+
     Variants set `schedule` (see CPU_SCHEDULE) and `batch_size_override` instead of repeating an `__init__`.
     """
     schedule: Optional[Tuple[int, int, int]] = None  # None keeps nnU-Net's 1000 x 250 (50 validation)
@@ -64,6 +97,12 @@ class nnScdTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.seed = seed_from_environment()
+        if self.seed is not None:  # before nnU-Net builds anything random; fold shifts it so folds differ
+            seed = self.seed + (fold if isinstance(fold, int) else 5)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
         self.save_every = 1
@@ -74,6 +113,12 @@ class nnScdTrainer(nnUNetTrainer):
         if self.batch_size_override is not None:  # nnU-Net reads the batch from the configuration (DDP splits it)
             self.configuration_manager.configuration["batch_size"] = self.batch_size_override
         super()._set_batch_size_and_oversample()
+
+    def get_dataloaders(self):
+        if self.seed is None:
+            return super().get_dataloaders()
+        with mock.patch.object(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", SeededAugmenter):
+            return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation, its sliding window run by nnScdPredictor (same labels, fewer forwards)."""

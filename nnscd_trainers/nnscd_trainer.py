@@ -98,8 +98,11 @@ class nnScdTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.seed = seed_from_environment()
-        if self.seed is not None:  # before nnU-Net builds anything random; fold shifts it so folds differ
-            seed = self.seed + (fold if isinstance(fold, int) else 5)
+        if self.seed is not None:  # before nnU-Net builds anything random; folds and DDP ranks get their own
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            fold_index = fold if isinstance(fold, int) else 5  # fold 'all'
+            seed = int(np.random.SeedSequence([self.seed, fold_index, rank]).generate_state(1)[0] >> 1)
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -149,6 +149,7 @@ def agreement(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict:
 def run_predict_mode(args: argparse.Namespace) -> dict:
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    from nnscd.predictor import BATCH_FACTOR_ENV
 
     reference, ours = load_predictors(args)
     device = torch.device(args.device)
@@ -162,6 +163,10 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
         data, _, _ = preprocessor.run_case(files, None, ours.plans_manager, ours.configuration_manager,
                                            ours.dataset_json)
         data = torch.from_numpy(data).float()
+        if not rows:  # untimed, on up to 2 tiles per axis: first-call set-up, and nnscd's choice of forward batch
+            corner = data[(slice(None), *(slice(0, int(1.5 * p)) for p in ours.configuration_manager.patch_size))]
+            for predictor in (reference, ours):
+                predictor.predict_sliding_window_return_logits(corner)
         seconds: Dict[str, List[float]] = {"nnunet": [], "nnscd": []}
         logits = {}
         for repeat in range(args.iters):  # in turns, so both see the same load on average
@@ -191,6 +196,7 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
     return {"device": device_description(args.device), "torch": torch.__version__, "dataset": args.d,
             "configuration": args.c, "plans": args.p, "trainer": args.tr[0], "fold": args.f,
             "mirroring": not args.disable_tta, "forward_batch": ours.forward_batch,
+            "forward_batch_from": "nnScd_predict_batch_factor" if os.environ.get(BATCH_FACTOR_ENV) else "timing",
             "repeats": args.iters, "median_speedup": statistics.median(speedups),
             "min_dice_between_predictors": min(min(r["dice"].values()) for r in rows), "cases": rows}
 

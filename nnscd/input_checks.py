@@ -207,8 +207,8 @@ def read_header(path: str, root: str) -> Tuple[Optional[Header], Optional[str]]:
 
 
 def _geometry_problems(rel: str, header: Header, ref_rel: str, ref: Header) -> List[str]:
-    fix = (f"Resample one onto the other's voxel grid, or if only the header is wrong copy the geometry "
-           f"(SimpleITK: img.CopyInformation(ref)).")
+    fix = ("Resample one onto the other's voxel grid, or if only the header is wrong copy the geometry "
+           "(SimpleITK: img.CopyInformation(ref)).")
     if header.size != ref.size or header.dimension != ref.dimension:
         return [f"{rel}: size {header.size} differs from {ref_rel} {ref.size} (x, y, z). {fix}"]
     problems = []

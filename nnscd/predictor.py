@@ -2,6 +2,7 @@
 half-written."""
 import itertools
 import os
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -12,8 +13,10 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from nnscd.atomic_plans_manager import AtomicWritePlansManager
 
-# Forward batch at inference, as a multiple of the plans' training batch: a forward without gradients keeps no
-# activations for backward, so it fits where training fit. `nnScd_predict_batch_factor` overrides it.
+# Largest forward batch at inference, as a multiple of the plans' training batch: a forward without gradients
+# keeps no activations for backward, so it fits where training fit. Setting `nnScd_predict_batch_factor` fixes the
+# forward batch at that multiple; unset, the predictor times this largest batch against batch 1 on its first
+# tiles and keeps the faster (on a CPU large 3D inputs can run slower batched than one by one).
 BATCH_FACTOR_ENV, DEFAULT_BATCH_FACTOR = "nnScd_predict_batch_factor", 2.0
 
 
@@ -25,6 +28,8 @@ class nnScdPredictor(nnUNetPredictor):
     CPU PyTorch takes its slow batch-1 path for 3D convolutions; nnU-Net issue 2504). Here each forward takes up to
     `forward_batch` inputs: every mirrored copy of as many tiles as fit. Tiles are accumulated in nnU-Net's order
     with nnU-Net's Gaussian and fp16 buffers, so outputs agree with nnUNetv2_predict up to floating-point order.
+    Unless `nnScd_predict_batch_factor` is set, the first tiles with more than one input are run both one by one
+    and batched, timed, and the faster way is kept for the rest of the run (the batched run's output is used).
 
     `--continue_prediction` skips a case whose segmentation exists; since that file is renamed into place after
     everything else of the case (probabilities included) was written, a rerun after a kill redoes exactly the
@@ -41,10 +46,36 @@ class nnScdPredictor(nnUNetPredictor):
         super().manual_initialization(network, AtomicWritePlansManager(plans_manager.plans), configuration_manager,
                                       parameters, dataset_json, trainer_name, inference_allowed_mirroring_axes)
 
+    timed_forward_batch: Optional[int] = None  # set by the first timing; per predictor, so per network
+
     @property
     def forward_batch(self) -> int:
-        factor = float(os.environ.get(BATCH_FACTOR_ENV, DEFAULT_BATCH_FACTOR))
-        return max(1, int(factor * self.configuration_manager.batch_size))
+        """Inputs per forward: the timed choice, else the factor (environment or default) x the plans' batch."""
+        factor = os.environ.get(BATCH_FACTOR_ENV)
+        if factor is None and self.timed_forward_batch is not None:
+            return self.timed_forward_batch
+        return max(1, int(float(factor or DEFAULT_BATCH_FACTOR) * self.configuration_manager.batch_size))
+
+    def _run_network(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of inputs (N, C, *patch), forward_batch at a time; the first time, choose forward_batch."""
+        undecided = os.environ.get(BATCH_FACTOR_ENV) is None and self.timed_forward_batch is None
+        if not undecided or self.forward_batch == 1 or len(inputs) == 1:
+            return torch.cat([self.network(chunk) for chunk in inputs.split(self.forward_batch)])
+        self.network(inputs[:1])  # warm-up, so first-call set-up counts against neither way
+        seconds, batched = {}, self.forward_batch
+        for size in (1, batched):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            logits = torch.cat([self.network(chunk) for chunk in inputs.split(size)])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[size] = time.perf_counter() - start
+        self.timed_forward_batch = min(seconds, key=seconds.get)
+        if self.verbose:
+            print(f"nnScdPredictor: {len(inputs)} inputs one by one {seconds[1]:.3f} s, in batches of "
+                  f"{min(batched, len(inputs))} {seconds[batched]:.3f} s; forward batch {self.timed_forward_batch}")
+        return logits
 
     def mirror_axes_combinations(self, ndim: int) -> List[Tuple[int, ...]]:
         """() for the unmirrored input, then nnU-Net's combinations of mirroring axes (tensor dimensions)."""
@@ -58,7 +89,7 @@ class nnScdPredictor(nnUNetPredictor):
         """Mean over mirrors of the logits of a batch of tiles x (B, C, *patch), mirrored copies batched too."""
         combinations = self.mirror_axes_combinations(x.ndim)
         copies = torch.cat([torch.flip(x, axes) if axes else x for axes in combinations])  # (M * B, C, *patch)
-        logits = torch.cat([self.network(chunk) for chunk in copies.split(self.forward_batch)])
+        logits = self._run_network(copies)
         per_mirror = logits.view(len(combinations), x.shape[0], *logits.shape[1:])
         prediction = per_mirror[0].clone()
         for axes, mirrored in zip(combinations[1:], per_mirror[1:]):

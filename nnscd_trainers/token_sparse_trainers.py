@@ -10,7 +10,7 @@ one full-resolution output, so deep supervision is off.
 """
 import dataclasses
 import os
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

@@ -3,12 +3,16 @@
 Everything goes through the nnScd_ console scripts, as a user would run them, with the nnUNet_* folders in a
 temporary directory.
 """
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Dict, List
+from unittest import mock
 
 import pytest
 
@@ -19,16 +23,51 @@ TRAINER = "nnScdTrainer_cpu"
 CONFIG = "3d_fullres"
 
 
-def run_command(args: List[str], env: Dict[str, str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run an nnScd_ console script; on failure show its output in the assertion."""
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, **kwargs)
+def run_command(args: List[str], env: Dict[str, str], check: bool = True, in_process: bool = False,
+                **kwargs) -> subprocess.CompletedProcess:
+    """Run an nnScd_ console script; on failure show its output in the assertion.
+
+    in_process: call the script's entry point here, with its argv and environment, instead of starting it (each
+    start imports torch and nnunetv2 again, about 20 s on the 2-core CI machine). For commands that stop early.
+    """
+    proc = _call_entry_point(args, env) if in_process else \
+        subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
+def _call_entry_point(args: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess:
+    (script,) = entry_points(group="console_scripts", name=args[0])
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", list(args)), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            script.load()()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
 def mean_dice(summary_file: Path) -> Dict[str, float]:
     return {k: v["Dice"] for k, v in json.loads(summary_file.read_text())["mean"].items()}
+
+
+def dice_per_class(pred_folder: Path, label_folder: Path, classes: List[int]) -> Dict[int, float]:
+    """Mean over cases of each class's Dice, read straight from the files (no nnScd_evaluate_folder start-up, whose
+    spawned worker imports nnunetv2 once more); every labelled case must have a prediction."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    scores = {c: [] for c in classes}
+    cases = sorted(label_folder.glob("*.nii.gz"))
+    assert sorted(p.name for p in pred_folder.glob("*.nii.gz")) == [p.name for p in cases]
+    for ref_file in cases:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_folder / ref_file.name)))
+        for c in classes:
+            scores[c].append(2 * ((pred == c) & (ref == c)).sum() / ((pred == c).sum() + (ref == c).sum()))
+    return {c: float(np.mean(v)) for c, v in scores.items()}
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,14 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET, DATASET_ID, run_command
+from conftest import BIN, DATASET, DATASET_ID, dice_per_class, run_command
 
 TRAINER = "APFormerTrainer_cpu"
 EPOCHS = 5                 # CPU_SCHEDULE
@@ -37,19 +37,6 @@ def _epoch_of(checkpoint: Path) -> int:
 
 def _logging_of(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
-
-
-def _dice_per_class(pred_folder: Path, label_folder: Path, classes: List[int]) -> Dict[int, float]:
-    """Mean over cases of each class's Dice, read straight from the files."""
-    scores = {c: [] for c in classes}
-    cases = sorted(label_folder.glob("*.nii.gz"))
-    assert sorted(p.name for p in pred_folder.glob("*.nii.gz")) == [p.name for p in cases]
-    for ref_file in cases:
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_folder / ref_file.name)))
-        for c in classes:
-            scores[c].append(2 * ((pred == c) & (ref == c)).sum() / ((pred == c).sum() + (ref == c).sum()))
-    return {c: float(np.mean(v)) for c, v in scores.items()}
 
 
 def _train_killed_then_resumed(env: Dict[str, str], dataset_id: int, config: str, fold: str,
@@ -91,7 +78,7 @@ def test_3d_fullres_trains_predicts_and_segments(nnunet_env, planned_dataset, tr
     run_command(["nnScd_predict", "-i", str(planned_dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                  "-c", "3d_fullres", "-tr", TRAINER, "-f", "4", "-device", "cpu", "-npp", "0", "-nps", "0",
                  "--disable_tta"], nnunet_env)
-    dice = _dice_per_class(out, planned_dataset / "labelsTs", [1, 2])
+    dice = dice_per_class(out, planned_dataset / "labelsTs", [1, 2])
     assert min(dice.values()) >= MIN_DICE, dice
 
 
@@ -175,7 +162,7 @@ def test_2d_trains_and_predicts(nnunet_env, tmp_path):
     run_command(["nnScd_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_2D_ID),
                  "-c", "2d", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
                  "--disable_tta"], nnunet_env)
-    dice = _dice_per_class(out, raw / "labelsTs", [1, 2])
+    dice = dice_per_class(out, raw / "labelsTs", [1, 2])
     assert min(dice.values()) >= MIN_DICE, dice
 
 

@@ -42,4 +42,4 @@ def test_predict_mode_times_both_predictors_and_checks_they_agree(nnunet_env, pl
     (row,) = report["cases"]
     assert row["case"] == case.name and row["tiles"] == 1 and row["nnunet_s"] > 0 and row["nnscd_s"] > 0
     assert row["identical_fraction"] > 0.999 and report["min_dice_between_predictors"] >= 0.999
-    assert report["mirroring"] is False
+    assert report["mirroring"] is False and report["forward_batch_from"] == "timing"

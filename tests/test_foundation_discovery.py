@@ -1,6 +1,5 @@
 """Trainer discovery, names, clear errors and environment defaults."""
 import os
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ def test_lookup_finds_nnscd_trainer_as_picklable_class(nnunet_env):
 
 def test_unknown_trainer_is_one_clear_error(nnunet_env, planned_dataset):
     proc = run_command(["nnScd_train", str(DATASET_ID), CONFIG, "0", "-tr", "NoSuchTrainer", "-device", "cpu"],
-                       nnunet_env, check=False)
+                       nnunet_env, check=False, in_process=True)
     assert proc.returncode == 2
     assert "unknown trainer 'NoSuchTrainer'" in proc.stderr and "nnScdTrainer_cpu" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -49,7 +48,7 @@ def test_unknown_trainer_is_one_clear_error(nnunet_env, planned_dataset):
 def test_predict_without_trained_model_names_the_folder(nnunet_env, planned_dataset, tmp_path):
     proc = run_command(["nnScd_predict", "-i", str(planned_dataset / "imagesTs"), "-o", str(tmp_path / "o"),
                         "-d", str(DATASET_ID), "-c", CONFIG, "-tr", "nnScdTrainer", "-device", "cpu"],
-                       nnunet_env, check=False)
+                       nnunet_env, check=False, in_process=True)
     assert proc.returncode == 2 and "no trained model at" in proc.stderr and "nnScd_train" in proc.stderr
     assert not (tmp_path / "o").exists()
 
@@ -57,7 +56,7 @@ def test_predict_without_trained_model_names_the_folder(nnunet_env, planned_data
 def test_predict_refuses_output_equal_to_input(nnunet_env, planned_dataset):
     images = str(planned_dataset / "imagesTs")
     proc = run_command(["nnScd_predict", "-i", images, "-o", images, "-d", str(DATASET_ID), "-c", CONFIG,
-                        "-device", "cpu"], nnunet_env, check=False)
+                        "-device", "cpu"], nnunet_env, check=False, in_process=True)
     assert proc.returncode == 2 and "output folder equals the input folder" in proc.stderr
 
 

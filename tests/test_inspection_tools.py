@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DATASET, DATASET_ID, run_command
+from conftest import DATASET, run_command
 from nnscd.attention_ablation import ablated_decoder
 from nnscd.networks.soft_topk import num_kept
 from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
@@ -100,7 +100,8 @@ def fake_model_folder(nnunet_env, trainer_name: str) -> Path:
 def test_token_maps_of_a_dense_twin_stop_with_the_trainers_that_prune(planned_dataset, nnunet_env, tmp_path):
     folder = fake_model_folder(nnunet_env, "UNETRTrainer_cpu")
     proc = run_command(["nnScd_token_maps", "-m", str(folder), "-f", FOLD, "-i", str(planned_dataset / "imagesTs"),
-                        "-o", str(tmp_path / "out"), "-device", "cpu"], nnunet_env, check=False)
+                        "-o", str(tmp_path / "out"), "-device", "cpu"], nnunet_env, check=False,
+                       in_process=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "dense network (no pruning stages)" in proc.stderr and "STPMTATrainer" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

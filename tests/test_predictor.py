@@ -1,5 +1,6 @@
 """nnScdPredictor against nnunetv2's predictor on the same trained models and a multi-tile case: same output,
 fewer and larger forwards."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ def _dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
 @pytest.mark.parametrize("model_fixture, fold, mirroring, nnscd_forwards", [("trained_model", 0, True, [4] * 4 + [2]),
                                                                             ("trained_stpmta", 3, False, [4, 4, 1])])
 def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request, planned_dataset, model_fixture,
-                                                                           fold, mirroring, nnscd_forwards):
+                                                                           fold, mirroring, nnscd_forwards,
+                                                                           monkeypatch):
+    monkeypatch.setenv("nnScd_predict_batch_factor", "2")  # fixed: no timing forwards
     reference, ours = _predictors(request.getfixturevalue(model_fixture), fold, mirroring)
     reference.allowed_mirroring_axes = ours.allowed_mirroring_axes = (0,)
     data = _multi_tile_case(planned_dataset)
@@ -65,7 +68,45 @@ def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request
         assert _dice(labels["nnscd"], labels["nnunet"], label) >= 0.999
 
 
+class _CostPerCall(torch.nn.Module):
+    """The network, with a sleep per forward that makes batching pay (0.2 s per call) or cost (0.1 s x batch^2)."""
+
+    def __init__(self, network: torch.nn.Module, batching_pays: bool):
+        super().__init__()
+        self.network, self.batching_pays = network, batching_pays
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.2 if self.batching_pays else 0.1 * len(x) ** 2)
+        return self.network(x)
+
+
+@pytest.mark.parametrize("batching_pays, chosen, later_forwards", [(True, 4, [4, 4, 1]), (False, 1, [1] * 9)])
+def test_unset_factor_times_both_ways_on_the_first_tiles_and_keeps_the_faster(trained_model, planned_dataset,
+                                                                              monkeypatch, batching_pays, chosen,
+                                                                              later_forwards):
+    monkeypatch.delenv("nnScd_predict_batch_factor", raising=False)
+    reference, ours = _predictors(trained_model, 0, True)
+    reference.allowed_mirroring_axes = ours.allowed_mirroring_axes = (0,)  # 2 inputs per tile
+    ours.network = _CostPerCall(ours.network, batching_pays)
+    data = _multi_tile_case(planned_dataset)
+    forwards = _count_forwards(ours)
+    first = ours.predict_sliding_window_return_logits(data)
+    assert ours.timed_forward_batch == chosen and ours.forward_batch == chosen
+    # the first group of 2 tiles (4 inputs): a warm-up of 1, then 1+1+1+1, then 4 (the output used), then the rest
+    timing = [1, 1, 1, 1, 1, 4]
+    assert forwards[:6] == timing and forwards[6:] == ([4, 4, 4, 2] if chosen == 4 else [1] * 14), forwards
+
+    forwards.clear()
+    reference.use_mirroring = ours.use_mirroring = False  # 9 inputs
+    ours.predict_sliding_window_return_logits(data)
+    assert forwards == later_forwards, "decided once per predictor"
+    expected = reference.predict_sliding_window_return_logits(data).float()
+    torch.testing.assert_close(ours.predict_sliding_window_return_logits(data).float(), expected, atol=2e-2, rtol=1e-2)
+    assert first.shape == expected.shape
+
+
 def test_forward_batch_follows_plans_and_environment(trained_model, monkeypatch):
+    monkeypatch.delenv("nnScd_predict_batch_factor", raising=False)
     _, ours = _predictors(trained_model, 0, False)
     assert ours.configuration_manager.batch_size == 2 and ours.forward_batch == 4
     monkeypatch.setenv("nnScd_predict_batch_factor", "0.5")

@@ -70,7 +70,6 @@ def run_until_killed(script: str, args, env, tmp_path: Path) -> None:
 
 def complete_cases(folder: Path):
     """Cases training would list (nnU-Net's own listing), each loaded in full."""
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     cases = sorted(nnUNetDatasetBlosc2.get_identifiers(str(folder)))

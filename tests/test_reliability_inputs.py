@@ -325,7 +325,7 @@ def test_plan_and_preprocess_stops_before_fingerprinting(nnunet_env, planned_dat
         (raw / f"{LBL}.nii.gz").unlink()
         truncate(raw / "imagesTr/case_002_0001.nii.gz")
         proc = run_command(["nnScd_plan_and_preprocess", "-d", "993", "-c", CONFIG, "-np", "1", "-npfp", "1"],
-                           nnunet_env, check=False)
+                           nnunet_env, check=False, in_process=True)
         assert proc.returncode != 0
         assert "2 problems in" in proc.stderr and "case_001.nii.gz: missing" in proc.stderr
         assert "case_002_0001.nii.gz: truncated" in proc.stderr and "Traceback" not in proc.stderr
@@ -340,10 +340,10 @@ def test_predict_and_train_stop_before_loading(nnunet_env, model_folder, tmp_pat
     write_image(inputs / "case_0_0000.nii.gz", np.zeros(SHAPE, np.float32))
     write_image(inputs / "case_0_0001.nii.gz", np.zeros(SHAPE, np.float32))
     proc = run_command(["nnScd_predict_from_modelfolder", "-i", str(inputs), "-o", str(out), "-m", str(model_folder),
-                        "-f", "0", "-device", "cpu"], nnunet_env, check=False)
+                        "-f", "0", "-device", "cpu"], nnunet_env, check=False, in_process=True)
     assert proc.returncode != 0 and "case_0_0001.nii.gz: channel 1" in proc.stderr, proc.stderr
     assert not out.exists()
     proc = run_command(["nnScd_train", str(DATASET_ID), CONFIG, "5", "-tr", TRAINER, "-device", "cpu"], nnunet_env,
-                       check=False)
+                       check=False, in_process=True)
     assert proc.returncode != 0 and "fold '5': out of range" in proc.stderr, proc.stderr
     assert not (Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_5").exists()

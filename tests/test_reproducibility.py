@@ -46,5 +46,5 @@ def test_seed_is_read_from_the_environment(monkeypatch, value, expected):
 
 def test_a_seed_that_is_not_an_integer_stops_training_with_the_fix(nnunet_env, planned_dataset):
     proc = run_command(["nnScd_train", "991", CONFIG, "0", "-tr", "nnScdTrainer_cpu", "-device", "cpu"],
-                       {**nnunet_env, SEED_ENV: "abc"}, check=False)
+                       {**nnunet_env, SEED_ENV: "abc"}, check=False, in_process=True)
     assert proc.returncode == 2 and "nnScd_seed='abc' is not an integer" in proc.stderr, proc.stderr

@@ -205,7 +205,8 @@ def write_csv(path: str, results: Sequence[dict], fields: Sequence[str] = RESULT
 
 
 def write_plot(path: str, report: dict) -> None:
-    """Three panels: train samples/s, inference samples/s, forward GFLOPs (measured and modelled)."""
+    """Panels: train samples/s, inference samples/s, forward GFLOPs (measured and modelled) and, for trainers on a
+    dataset, epoch seconds with nnU-Net's data loading and with the batch in memory."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -213,15 +214,20 @@ def write_plot(path: str, report: dict) -> None:
     results = report["results"]
     names = [r["name"] for r in results]
     pos = range(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(names), 4.5))
+    pairs = [("gflops_forward", "gflops_model", "forward GFLOPs", "measured", "modelled")]
+    if "epoch_s_with_loading" in results[0]:
+        pairs.append(("epoch_s_with_loading", "epoch_s_without_loading", "epoch s", "data loading", "in memory"))
+    fig, axes = plt.subplots(1, 2 + len(pairs), figsize=(4 + 1.6 * (1 + len(pairs)) * len(names) / 2, 4.5))
     for ax, key, title in ((axes[0], "train_samples_per_s", "training samples/s"),
                            (axes[1], "infer_samples_per_s", "inference samples/s")):
         ax.bar(pos, [r[key] for r in results], color="tab:blue" if key.startswith("train") else "tab:green")
         ax.set_title(title)
-    axes[2].bar([p - 0.2 for p in pos], [r["gflops_forward"] for r in results], 0.4, label="measured")
-    axes[2].bar([p + 0.2 for p in pos], [r["gflops_model"] or 0 for r in results], 0.4, label="modelled")
-    axes[2].set_title("forward GFLOPs")
-    axes[2].legend()
+    for ax, (left, right, title, left_label, right_label) in zip(axes[2:], pairs):
+        ax.bar([p - 0.2 for p in pos], [r[left] or 0 for r in results], 0.4, label=left_label)
+        ax.bar([p + 0.2 for p in pos], [r[right] or 0 for r in results], 0.4, label=right_label)
+        ax.set_title(title)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize="small", loc="upper right")
     for ax in axes:
         ax.set_xticks(list(pos), names, rotation=30, ha="right")
     fig.suptitle(f"{report['device']}, patch {report['patch_size']}, batch {report['batch_size']}, "

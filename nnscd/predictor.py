@@ -29,7 +29,7 @@ class nnScdPredictor(nnUNetPredictor):
     `forward_batch` inputs: every mirrored copy of as many tiles as fit. Tiles are accumulated in nnU-Net's order
     with nnU-Net's Gaussian and fp16 buffers, so outputs agree with nnUNetv2_predict up to floating-point order.
     Unless `nnScd_predict_batch_factor` is set, the first tiles with more than one input are run both one by one
-    and batched, timed, and the faster way is kept for the rest of the run (the batched run's output is used).
+    and in one batch, twice each in turns, and the faster way (best of two) is kept for the rest of the run.
 
     `--continue_prediction` skips a case whose segmentation exists; since that file is renamed into place after
     everything else of the case (probabilities included) was written, a rerun after a kill redoes exactly the
@@ -61,20 +61,22 @@ class nnScdPredictor(nnUNetPredictor):
         undecided = os.environ.get(BATCH_FACTOR_ENV) is None and self.timed_forward_batch is None
         if not undecided or self.forward_batch == 1 or len(inputs) == 1:
             return torch.cat([self.network(chunk) for chunk in inputs.split(self.forward_batch)])
+        batched = min(self.forward_batch, len(inputs))  # the batch that is measured is the batch that is kept
         self.network(inputs[:1])  # warm-up, so first-call set-up counts against neither way
-        seconds, batched = {}, self.forward_batch
-        for size in (1, batched):
+        seconds = {1: [], batched: []}
+        for size in (1, batched, 1, batched):  # in turns, best of two: one hiccup of a busy machine does not decide
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             start = time.perf_counter()
             logits = torch.cat([self.network(chunk) for chunk in inputs.split(size)])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds[size] = time.perf_counter() - start
-        self.timed_forward_batch = min(seconds, key=seconds.get)
+            seconds[size].append(time.perf_counter() - start)
+        best = {size: min(times) for size, times in seconds.items()}
+        self.timed_forward_batch = min(best, key=best.get)
         if self.verbose:
-            print(f"nnScdPredictor: {len(inputs)} inputs one by one {seconds[1]:.3f} s, in batches of "
-                  f"{min(batched, len(inputs))} {seconds[batched]:.3f} s; forward batch {self.timed_forward_batch}")
+            print(f"nnScdPredictor: {len(inputs)} inputs one by one {best[1]:.3f} s, in batches of {batched} "
+                  f"{best[batched]:.3f} s; forward batch {self.timed_forward_batch}")
         return logits
 
     def mirror_axes_combinations(self, ndim: int) -> List[Tuple[int, ...]]:

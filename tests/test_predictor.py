@@ -92,9 +92,9 @@ def test_unset_factor_times_both_ways_on_the_first_tiles_and_keeps_the_faster(tr
     forwards = _count_forwards(ours)
     first = ours.predict_sliding_window_return_logits(data)
     assert ours.timed_forward_batch == chosen and ours.forward_batch == chosen
-    # the first group of 2 tiles (4 inputs): a warm-up of 1, then 1+1+1+1, then 4 (the output used), then the rest
-    timing = [1, 1, 1, 1, 1, 4]
-    assert forwards[:6] == timing and forwards[6:] == ([4, 4, 4, 2] if chosen == 4 else [1] * 14), forwards
+    # the first group of 2 tiles (4 inputs): a warm-up of 1, then one by one and batched, twice in turns, then the rest
+    timing = [1] + ([1, 1, 1, 1] + [4]) * 2
+    assert forwards[:11] == timing and forwards[11:] == ([4, 4, 4, 2] if chosen == 4 else [1] * 14), forwards
 
     forwards.clear()
     reference.use_mirroring = ours.use_mirroring = False  # 9 inputs

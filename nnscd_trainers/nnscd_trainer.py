@@ -124,7 +124,7 @@ class nnScdTrainer(nnUNetTrainer):
             return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        """nnU-Net's final validation, its sliding window run by nnScdPredictor (same labels, fewer forwards)."""
+        """nnU-Net's final validation, its sliding window run by nnScdPredictor (same labels; batched where faster)."""
         with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", nnScdPredictor):
             super().perform_actual_validation(save_probabilities)
 

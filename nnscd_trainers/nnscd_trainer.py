@@ -1,4 +1,4 @@
-"""The base of every nnscd trainer: nnU-Net's trainer with outputs a kill cannot corrupt, and reproducible on request."""
+"""The base of every nnscd trainer: nnU-Net's trainer with outputs a kill cannot corrupt, reproducible on request."""
 import os
 import random
 from typing import List, Optional, Tuple

@@ -12,6 +12,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from nnscd.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.benchmark import synchronize
 
 # Largest forward batch at inference, as a multiple of the plans' training batch: a forward without gradients
 # keeps no activations for backward, so it fits where training fit. Setting `nnScd_predict_batch_factor` fixes the
@@ -65,12 +66,10 @@ class nnScdPredictor(nnUNetPredictor):
         self.network(inputs[:1])  # warm-up, so first-call set-up counts against neither way
         seconds = {1: [], batched: []}
         for size in (1, batched, 1, batched):  # in turns, best of two: one hiccup of a busy machine does not decide
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             logits = torch.cat([self.network(chunk) for chunk in inputs.split(size)])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             seconds[size].append(time.perf_counter() - start)
         best = {size: min(times) for size, times in seconds.items()}
         self.timed_forward_batch = min(best, key=best.get)

@@ -12,7 +12,7 @@ class _ThreeSteps(nnScdTrainer):
     schedule = (1, 3, 1)
 
 
-def _train_once(planned_dataset, nnunet_env) -> tuple:
+def _train_once() -> tuple:
     from nnunetv2.paths import nnUNet_preprocessed
 
     folder = f"{nnUNet_preprocessed}/{DATASET}"
@@ -29,12 +29,12 @@ def _train_once(planned_dataset, nnunet_env) -> tuple:
 def test_seeded_runs_are_identical_and_unseeded_runs_differ(planned_dataset, nnunet_env, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # augmentation in a worker process, as in training
     monkeypatch.setenv(SEED_ENV, "7")
-    losses_a, weights_a = _train_once(planned_dataset, nnunet_env)
-    losses_b, weights_b = _train_once(planned_dataset, nnunet_env)
+    losses_a, weights_a = _train_once()
+    losses_b, weights_b = _train_once()
     assert losses_a == losses_b and torch.equal(weights_a, weights_b)
 
     monkeypatch.delenv(SEED_ENV)
-    losses_c, weights_c = _train_once(planned_dataset, nnunet_env)
+    losses_c, weights_c = _train_once()
     assert losses_c != losses_a and not torch.equal(weights_c, weights_a)
 
 

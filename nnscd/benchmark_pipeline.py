@@ -149,7 +149,7 @@ def agreement(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict:
 def run_predict_mode(args: argparse.Namespace) -> dict:
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-    from nnscd.predictor import BATCH_FACTOR_ENV
+    from nnscd.predictor import BATCH_FACTOR_ENV, cpu_bf16_requested
 
     reference, ours = load_predictors(args)
     device = torch.device(args.device)
@@ -195,7 +195,8 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
           f"two: {min(min(r['dice'].values()) for r in rows):.5f}")
     return {"device": device_description(args.device), "torch": torch.__version__, "dataset": args.d,
             "configuration": args.c, "plans": args.p, "trainer": args.tr[0], "fold": args.f,
-            "mirroring": not args.disable_tta, "forward_batch": ours.forward_batch,
+            "mirroring": not args.disable_tta, "nnscd_cpu_bf16": device.type == "cpu" and cpu_bf16_requested(),
+            "forward_batch": ours.forward_batch,
             "forward_batch_from": "nnScd_predict_batch_factor" if os.environ.get(BATCH_FACTOR_ENV) else "timing",
             "repeats": args.iters, "median_speedup": statistics.median(speedups),
             "min_dice_between_predictors": min(min(r["dice"].values()) for r in rows), "cases": rows}
@@ -252,6 +253,12 @@ def main(argv: Sequence[str]) -> None:
 
     args = parse_args(argv)
     settle_environment(cpu=args.device == "cpu")
+    if args.predict:
+        from nnscd.predictor import check_predictor_environment
+        try:
+            check_predictor_environment()
+        except ValueError as error:
+            raise SystemExit(f"nnScd_benchmark: {error}")
     for name in args.tr:
         check_trainer_name(name)
     if args.worker:

@@ -203,10 +203,7 @@ def train() -> None:
     if "-h" not in argv and "--help" not in argv:
         trainer_class = check_trainer_name(_flag(argv, "-tr", "nnUNetTrainer"))
         from nnscd_trainers.nnscd_trainer import seed_from_environment
-        try:
-            seed_from_environment()
-        except ValueError as error:
-            fail(str(error))
+        _check_environment(seed_from_environment)  # final validation predicts with nnScdPredictor
         if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
             from nnscd.input_checks import check_training_setup, describe
 
@@ -218,6 +215,17 @@ def train() -> None:
     from nnunetv2.run.run_training import run_training_entry
     with _nnscd_names():
         run_training_entry()
+
+
+def _check_environment(*extra_checks: Callable[[], object]) -> None:
+    """Fail on a bad nnscd environment variable (nnScd_cpu_bf16, nnScd_predict_batch_factor, ...) before any work."""
+    from nnscd.predictor import check_predictor_environment
+
+    try:
+        for check in (check_predictor_environment, *extra_checks):
+            check()
+    except ValueError as error:
+        fail(str(error))
 
 
 def _check_prediction_folders(input_folder: str, output_folder: str) -> None:
@@ -263,6 +271,7 @@ def predict() -> None:
     if "-h" not in argv and "--help" not in argv:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+        _check_environment()
         _check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
         trainer = _flag(argv, "-tr", "nnUNetTrainer")
         check_trainer_name(trainer)
@@ -288,6 +297,7 @@ def predict_from_modelfolder() -> None:
     argv = sys.argv[1:]
     _prepare(argv, takes_device=True)
     if "-h" not in argv and "--help" not in argv:
+        _check_environment()
         _check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
         model_folder = _flag(argv, "-m", "")
         if not os.path.isfile(os.path.join(model_folder, "plans.json")):

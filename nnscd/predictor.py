@@ -3,7 +3,7 @@ half-written."""
 import itertools
 import os
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -20,6 +20,47 @@ from nnscd.benchmark import synchronize
 # tiles and keeps the faster (on a CPU large 3D inputs can run slower batched than one by one).
 BATCH_FACTOR_ENV, DEFAULT_BATCH_FACTOR = "nnScd_predict_batch_factor", 2.0
 
+# nnU-Net runs the network under fp16 autocast on a GPU and in fp32 on a CPU, since autocast is slow on CPUs
+# without bf16 instructions. `nnScd_cpu_bf16=1` runs it under bf16 autocast on a CPU that has them (oneDNN's bf16
+# kernels: AVX-512 or AMX); opt-in, as labels can then differ from nnUNetv2_predict's on boundary voxels.
+CPU_BF16_ENV = "nnScd_cpu_bf16"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN, PyTorch's CPU kernel library, runs bf16 natively on this CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def cpu_bf16_requested() -> bool:
+    """Whether `nnScd_cpu_bf16=1`; ValueError, saying what to set, for another value or a CPU without bf16."""
+    value = os.environ.get(CPU_BF16_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{CPU_BF16_ENV}={value!r}: set it to 1 (bf16 autocast on the CPU) or 0 (fp32, nnU-Net's).")
+    if value == "1" and not cpu_has_bf16():
+        raise ValueError(f"{CPU_BF16_ENV}=1, but this CPU has no bf16 instructions PyTorch uses (AVX-512 or AMX): "
+                         f"bf16 would run slower than fp32 here. Unset {CPU_BF16_ENV}.")
+    return value == "1"
+
+
+def batch_factor_from_environment() -> Optional[float]:
+    """`nnScd_predict_batch_factor` as a number, None if unset; ValueError, saying what to set, if it is no
+    positive number."""
+    value = os.environ.get(BATCH_FACTOR_ENV)
+    try:
+        factor = None if value is None else float(value)
+    except ValueError:
+        factor = -1.0
+    if factor is not None and not factor > 0:
+        raise ValueError(f"{BATCH_FACTOR_ENV}={value!r}: set it to a positive multiple of the plans' batch size "
+                         f"(e.g. 2), or unset it to let the predictor time batching.")
+    return factor
+
+
+def check_predictor_environment() -> None:
+    """ValueError for a bad nnscd predictor variable, before a run starts rather than at its first tile."""
+    cpu_bf16_requested()
+    batch_factor_from_environment()
+
 
 class nnScdPredictor(nnUNetPredictor):
     """nnUNetPredictor that batches sliding-window tiles and their mirrored copies, and whose segmentation files
@@ -29,8 +70,10 @@ class nnScdPredictor(nnUNetPredictor):
     CPU PyTorch takes its slow batch-1 path for 3D convolutions; nnU-Net issue 2504). Here each forward takes up to
     `forward_batch` inputs: every mirrored copy of as many tiles as fit. Tiles are accumulated in nnU-Net's order
     with nnU-Net's Gaussian and fp16 buffers, so outputs agree with nnUNetv2_predict up to floating-point order.
-    Unless `nnScd_predict_batch_factor` is set, the first tiles with more than one input are run both one by one
-    and in one batch, twice each in turns, and the faster way (best of two) is kept for the rest of the run.
+    Unless `nnScd_predict_batch_factor` is set, the first four groups of tiles with more than one input take turns
+    between one by one and one batch, and the faster way per input (best of two) is kept for the rest of the run:
+    the timing costs no forwards the run does not need.
+    With `nnScd_cpu_bf16=1` a CPU runs the network under bf16 autocast.
 
     `--continue_prediction` skips a case whose segmentation exists; since that file is renamed into place after
     everything else of the case (probabilities included) was written, a rerun after a kill redoes exactly the
@@ -47,35 +90,46 @@ class nnScdPredictor(nnUNetPredictor):
         super().manual_initialization(network, AtomicWritePlansManager(plans_manager.plans), configuration_manager,
                                       parameters, dataset_json, trainer_name, inference_allowed_mirroring_axes)
 
-    timed_forward_batch: Optional[int] = None  # set by the first timing; per predictor, so per network
+    timed_forward_batch: Optional[int] = None  # set once the timing decided; per predictor, so per network
+    _seconds_per_input: Optional[Dict[int, List[float]]] = None  # the timing so far
 
     @property
     def forward_batch(self) -> int:
         """Inputs per forward: the timed choice, else the factor (environment or default) x the plans' batch."""
-        factor = os.environ.get(BATCH_FACTOR_ENV)
+        factor = batch_factor_from_environment()
         if factor is None and self.timed_forward_batch is not None:
             return self.timed_forward_batch
-        return max(1, int(float(factor or DEFAULT_BATCH_FACTOR) * self.configuration_manager.batch_size))
+        return max(1, int((factor or DEFAULT_BATCH_FACTOR) * self.configuration_manager.batch_size))
+
+    def _forward(self, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+        """fp32 logits of inputs (N, C, *patch), `batch` at a time (bf16 autocast if asked for on a CPU)."""
+        bf16 = self.device.type == "cpu" and cpu_bf16_requested()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return torch.cat([self.network(chunk) for chunk in inputs.split(batch)]).float()
 
     def _run_network(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of inputs (N, C, *patch), forward_batch at a time; the first time, choose forward_batch."""
-        undecided = os.environ.get(BATCH_FACTOR_ENV) is None and self.timed_forward_batch is None
+        """Logits of inputs (N, C, *patch), forward_batch at a time. Until that is decided, groups of more than one
+        input take turns: one by one, then in one batch, and again; then the faster per input (best of two, so
+        one hiccup of a busy machine does not decide) is kept. Every timed group is one the run needs anyway."""
+        undecided = batch_factor_from_environment() is None and self.timed_forward_batch is None
         if not undecided or self.forward_batch == 1 or len(inputs) == 1:
-            return torch.cat([self.network(chunk) for chunk in inputs.split(self.forward_batch)])
-        batched = min(self.forward_batch, len(inputs))  # the batch that is measured is the batch that is kept
-        self.network(inputs[:1])  # warm-up, so first-call set-up counts against neither way
-        seconds = {1: [], batched: []}
-        for size in (1, batched, 1, batched):  # in turns, best of two: one hiccup of a busy machine does not decide
-            synchronize(self.device)
-            start = time.perf_counter()
-            logits = torch.cat([self.network(chunk) for chunk in inputs.split(size)])
-            synchronize(self.device)
-            seconds[size].append(time.perf_counter() - start)
-        best = {size: min(times) for size, times in seconds.items()}
-        self.timed_forward_batch = min(best, key=best.get)
-        if self.verbose:
-            print(f"nnScdPredictor: {len(inputs)} inputs one by one {best[1]:.3f} s, in batches of {batched} "
-                  f"{best[batched]:.3f} s; forward batch {self.timed_forward_batch}")
+            return self._forward(inputs, self.forward_batch)
+        if self._seconds_per_input is None:
+            self._forward(inputs[:1], 1)  # warm-up, so first-call set-up counts against neither way
+            self._seconds_per_input = {1: [], min(self.forward_batch, len(inputs)): []}
+        timings = self._seconds_per_input  # {batch: [seconds per input, ...]}; the batch measured is the batch kept
+        size = min(timings, key=lambda batch: len(timings[batch]))  # in turns, one by one first
+        synchronize(self.device)
+        start = time.perf_counter()
+        logits = self._forward(inputs, size)
+        synchronize(self.device)
+        timings[size].append((time.perf_counter() - start) / len(inputs))
+        if all(len(seconds) == 2 for seconds in timings.values()):
+            best = {batch: min(seconds) for batch, seconds in timings.items()}
+            self.timed_forward_batch = min(best, key=best.get)
+            if self.verbose:
+                print(f"nnScdPredictor: per input one by one {best[1]:.4f} s, in batches of {max(best)} "
+                      f"{best[max(best)]:.4f} s; forward batch {self.timed_forward_batch}")
         return logits
 
     def mirror_axes_combinations(self, ndim: int) -> List[Tuple[int, ...]]:

@@ -8,6 +8,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import CONFIG, DATASET_ID, run_command
+
 
 def _predictors(model: Path, fold: int, mirroring: bool):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -92,9 +94,11 @@ def test_unset_factor_times_both_ways_on_the_first_tiles_and_keeps_the_faster(tr
     forwards = _count_forwards(ours)
     first = ours.predict_sliding_window_return_logits(data)
     assert ours.timed_forward_batch == chosen and ours.forward_batch == chosen
-    # the first group of 2 tiles (4 inputs): a warm-up of 1, then one by one and batched, twice in turns, then the rest
+    # a warm-up of 1; the first four groups of 2 tiles (4 inputs) one by one, batched, one by one, batched; then
+    # the last tile (2 inputs) the faster way. No input is run twice, bar the warm-up.
     timing = [1] + ([1, 1, 1, 1] + [4]) * 2
-    assert forwards[:11] == timing and forwards[11:] == ([4, 4, 4, 2] if chosen == 4 else [1] * 14), forwards
+    assert forwards[:11] == timing and forwards[11:] == ([2] if chosen == 4 else [1, 1]), forwards
+    assert sum(forwards) == 1 + 9 * 2
 
     forwards.clear()
     reference.use_mirroring = ours.use_mirroring = False  # 9 inputs
@@ -113,3 +117,48 @@ def test_forward_batch_follows_plans_and_environment(trained_model, monkeypatch)
     assert ours.forward_batch == 1
     monkeypatch.setenv("nnScd_predict_batch_factor", "0.1")
     assert ours.forward_batch == 1, "never below one input per forward"
+
+
+def test_cpu_bf16_runs_the_network_in_bf16_and_agrees_with_nnunets_fp32_labels(trained_model, planned_dataset,
+                                                                                monkeypatch):
+    from nnscd.predictor import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions PyTorch uses")
+    monkeypatch.setenv("nnScd_predict_batch_factor", "2")
+    monkeypatch.setenv("nnScd_cpu_bf16", "1")
+    reference, ours = _predictors(trained_model, 0, False)
+    dtypes = []
+    ours.network.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    data = _multi_tile_case(planned_dataset)
+    logits = {name: p.predict_sliding_window_return_logits(data).float()
+              for name, p in (("nnunet", reference), ("nnscd", ours))}
+    assert set(dtypes) == {torch.bfloat16}
+    assert not torch.equal(logits["nnscd"], logits["nnunet"])
+    labels = {name: l.argmax(0).numpy() for name, l in logits.items()}
+    for label in (1, 2):
+        assert _dice(labels["nnscd"], labels["nnunet"], label) >= 0.99
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"nnScd_cpu_bf16": "yes"}, "nnScd_cpu_bf16='yes': set it to 1"),
+    ({"nnScd_predict_batch_factor": "two"}, "nnScd_predict_batch_factor='two': set it to a positive multiple"),
+    ({"nnScd_predict_batch_factor": "0"}, "nnScd_predict_batch_factor='0': set it to a positive multiple")])
+def test_bad_predictor_variable_stops_nnscd_predict_before_any_output(nnunet_env, planned_dataset, tmp_path,
+                                                                       variables, message):
+    proc = run_command(["nnScd_predict", "-i", str(planned_dataset / "imagesTs"), "-o", str(tmp_path / "o"),
+                        "-d", str(DATASET_ID), "-c", CONFIG, "-tr", "nnScdTrainer", "-device", "cpu"],
+                       {**nnunet_env, **variables}, check=False, in_process=True)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cpu_bf16_on_a_cpu_without_bf16_names_the_variable_to_unset(monkeypatch):
+    from nnscd import predictor
+
+    monkeypatch.setattr(predictor, "cpu_has_bf16", lambda: False)
+    monkeypatch.setenv("nnScd_cpu_bf16", "1")
+    with pytest.raises(ValueError, match="no bf16 instructions .* Unset nnScd_cpu_bf16"):
+        predictor.check_predictor_environment()
+    monkeypatch.setenv("nnScd_cpu_bf16", "0")
+    predictor.check_predictor_environment()

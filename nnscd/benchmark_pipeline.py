@@ -163,7 +163,7 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
         data, _, _ = preprocessor.run_case(files, None, ours.plans_manager, ours.configuration_manager,
                                            ours.dataset_json)
         data = torch.from_numpy(data).float()
-        if not rows:  # untimed, on up to 2 tiles per axis: first-call set-up, and nnscd's choice of forward batch
+        if not rows:  # untimed, up to 2 tiles per axis: first-call set-up, nnscd's batch timing
             corner = data[(slice(None), *(slice(0, int(1.5 * p)) for p in ours.configuration_manager.patch_size))]
             for predictor in (reference, ours):
                 predictor.predict_sliding_window_return_logits(corner)

@@ -149,7 +149,7 @@ def agreement(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict:
 def run_predict_mode(args: argparse.Namespace) -> dict:
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-    from nnscd.predictor import BATCH_FACTOR_ENV, cpu_bf16_requested
+    from nnscd.predictor import batch_factor_from_environment, cpu_bf16_requested
 
     reference, ours = load_predictors(args)
     device = torch.device(args.device)
@@ -197,7 +197,7 @@ def run_predict_mode(args: argparse.Namespace) -> dict:
             "configuration": args.c, "plans": args.p, "trainer": args.tr[0], "fold": args.f,
             "mirroring": not args.disable_tta, "nnscd_cpu_bf16": device.type == "cpu" and cpu_bf16_requested(),
             "forward_batch": ours.forward_batch,
-            "forward_batch_from": "nnScd_predict_batch_factor" if os.environ.get(BATCH_FACTOR_ENV) else "timing",
+            "forward_batch_from": "timing" if batch_factor_from_environment() is None else "nnScd_predict_batch_factor",
             "repeats": args.iters, "median_speedup": statistics.median(speedups),
             "min_dice_between_predictors": min(min(r["dice"].values()) for r in rows), "cases": rows}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnscd.benchmark_pipeline import agreement
 from nnscd.paths import TRAINER_LOOKUP_FOLDER
 
 BIN = Path(sys.executable).parent
@@ -35,17 +36,13 @@ def timed_run(command: list, env: dict) -> float:
     return seconds
 
 
-def agreement(ours: Path, theirs: Path) -> dict:
-    """Per case: fraction of identical voxels and Dice per foreground label between the two segmentations."""
+def agreement_per_case(ours: Path, theirs: Path) -> dict:
+    """Per case: fraction of identical voxels and Dice per foreground label present in either segmentation."""
     cases = {}
     for file in sorted(theirs.glob("*.nii.gz")):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / file.name)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
-        dice = {}
-        for label in (int(v) for v in np.union1d(np.unique(a), np.unique(b)) if v > 0):
-            total = (a == label).sum() + (b == label).sum()
-            dice[str(label)] = float(2 * ((a == label) & (b == label)).sum() / total)
-        cases[file.name] = {"identical_fraction": float((a == b).mean()), "dice": dice}
+        cases[file.name] = agreement(a, b, [int(v) for v in np.union1d(np.unique(a), np.unique(b)) if v > 0])
     return cases
 
 
@@ -77,7 +74,7 @@ def main() -> None:
                 program, variables = commands[name]
                 seconds[name].append(timed_run([program, *flags, "-o", str(outputs[name])], variables))
                 print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
-        cases = agreement(outputs["nnscd"], outputs["nnunet"])
+        cases = agreement_per_case(outputs["nnscd"], outputs["nnunet"])
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     report = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "cases": len(cases),
               "nnscd_env": args.nnscd_env, "seconds": seconds, "median_s": medians,

@@ -212,9 +212,10 @@ def train() -> None:
                                             _flag(argv, "-p", "nnUNetPlans"), "--c" in argv)
             if problems:
                 fail(describe(problems, f"nnScd_train {' '.join(argv[:3])}"))
-    from nnunetv2.run.run_training import run_training_entry
-    with _nnscd_names():
-        run_training_entry()
+    from nnunetv2.run import run_training as nnunet_run_training
+    from nnscd.pretrained_weights import load_pretrained_weights
+    with _patched(nnunet_run_training, "load_pretrained_weights", load_pretrained_weights), _nnscd_names():
+        nnunet_run_training.run_training_entry()
 
 
 def _check_environment(*extra_checks: Callable[[], object]) -> None:

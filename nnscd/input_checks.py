@@ -442,21 +442,21 @@ def _network_problems(trainer_class: type, plans: dict, configuration: str, data
     import torch
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnscd.token_planning import apply_token_plan, token_plan_for
-    from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer
+    from nnscd.token_planning import apply_token_plan
 
     manager = PlansManager(plans)
     resolved = manager.get_configuration(configuration)
-    if issubclass(trainer_class, TokenSparseTrainer):  # their __init__ rounds the patch up to whole tokens
-        apply_token_plan(resolved.configuration, token_plan_for(resolved.configuration))
+    plan = getattr(trainer_class, "token_plan", lambda _: None)(resolved.configuration)
+    if plan is not None:  # as the trainer's __init__ does: the patch rounded up to whole tokens
+        apply_token_plan(resolved.configuration, plan)
     try:
         with torch.device("meta"):
             trainer_class.build_network_architecture(
                 manager, resolved, determine_num_input_channels(manager, resolved, dataset_json),
                 manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-    except ValueError as e:
+    except (ValueError, AssertionError) as e:  # dynamic_network_architectures asserts (Primus: patch % 8)
         return [f"-tr {trainer_class.__name__} cannot take configuration {configuration} of plans "
-                f"{manager.plans_name}: {e}"]
+                f"{manager.plans_name}: {e or f'the network refuses patch {resolved.patch_size}'}"]
     return []
 
 

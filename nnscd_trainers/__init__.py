@@ -3,6 +3,11 @@ from nnscd_trainers.nnscd_trainer import nnScdTrainer, nnScdTrainer_budget, nnSc
 from nnscd_trainers.apformer_trainers import (APFormerNoPruneTrainer, APFormerNoPruneTrainer_budget,
                                                 APFormerNoPruneTrainer_cpu, APFormerTrainer, APFormerTrainer_budget,
                                                 APFormerTrainer_cpu)
+from nnscd_trainers.primus_trainers import (
+    PrimusV3BTrainer_budget, PrimusV3STrainer_budget, PrimusV3STrainer_cpu, STPMTAPrimusV3BTrainer,
+    STPMTAPrimusV3BTrainer_budget, STPMTAPrimusV3LTrainer, STPMTAPrimusV3MTrainer, STPMTAPrimusV3STrainer,
+    STPMTAPrimusV3STrainer_budget, STPMTAPrimusV3STrainer_cpu, STPMTAPrimusV3STrainer_keep50,
+    STPMTAPrimusV3STrainer_keep50_budget, STPMTAPrimusV3STrainer_noMTA)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
     STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
@@ -16,4 +21,8 @@ __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "STPMTATrainer_paper", "UNETRTrainer_paper", "STPMTALightTrainer_paper", "ViTLightTrainer_paper",
            "STPMTATrainer_keep75", "STPMTATrainer_keep25", "STPMTATrainer_gumbel",
            "STPMTATrainer_cpu", "STPMTATrainer_demo", "STPMTATrainer_budget", "UNETRTrainer_budget",
-           "STPMTALightTrainer_budget", "ViTLightTrainer_budget", "UNETRTrainer_cpu", "STPMTALightTrainer_cpu", "ViTLightTrainer_cpu"]
+           "STPMTALightTrainer_budget", "ViTLightTrainer_budget", "UNETRTrainer_cpu", "STPMTALightTrainer_cpu", "ViTLightTrainer_cpu",
+           "STPMTAPrimusV3STrainer", "STPMTAPrimusV3BTrainer", "STPMTAPrimusV3MTrainer", "STPMTAPrimusV3LTrainer",
+           "STPMTAPrimusV3STrainer_keep50", "STPMTAPrimusV3STrainer_noMTA", "STPMTAPrimusV3STrainer_cpu",
+           "STPMTAPrimusV3STrainer_budget", "STPMTAPrimusV3STrainer_keep50_budget", "STPMTAPrimusV3BTrainer_budget",
+           "PrimusV3STrainer_cpu", "PrimusV3STrainer_budget", "PrimusV3BTrainer_budget"]

@@ -18,29 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnscd.atomic_plans_manager import AtomicWritePlansManager
 from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
-from nnscd.progress_plots import plot_per_epoch
-from nnscd.token_planning import apply_token_plan, token_plan_for
-from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
+from nnscd.token_planning import TokenPlan, token_plan_for
+from nnscd_trainers.keep_statistics import KeepStatistics
+from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer
 
 
-def kept_foreground_share(keep_indices: List[torch.Tensor], target: torch.Tensor,
-                          token_size: List[int]) -> np.ndarray:
-    """Per pruning stage: the share of foreground tokens (any labelled voxel) that are still kept, over a batch.
-
-    Chance level is the stage's cumulative keep ratio; a scorer that learned where the object is keeps far more.
-    """
-    pool = F.max_pool3d if target.ndim == 5 else F.max_pool2d
-    fg_tokens = pool((target > 0).float(), token_size, token_size).flatten(1)  # (B, L), 1 = foreground token
-    if not fg_tokens.any():
-        return np.full(len(keep_indices), np.nan)
-    return np.array([(torch.gather(fg_tokens, 1, index.cpu()).sum() / fg_tokens.sum()).item()
-                     for index in keep_indices])
-
-
-class TokenSparseTrainer(nnScdTrainer):
+class TokenSparseTrainer(KeepStatistics, nnScdTrainer):
     """Trains `nnscd.networks.registry.CONFIGS[network]` with the token size of the plans."""
     network = "stpmta"
     config_changes: dict = {}  # fields of TokenSparseConfig that a variant overrides
@@ -51,19 +36,15 @@ class TokenSparseTrainer(nnScdTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # Same token rule as nnScd_plan_and_preprocess writes into nnScdPlans; the plans saved with the model
-        # (and used by nnScd_predict) carry the result. Rounds the patch up, never crops.
-        resolved = self.configuration_manager.configuration
-        plan = token_plan_for(resolved)
-        if plan.patch_size != list(resolved["patch_size"]):
-            self.print_to_log_file(f"Token planning: patch {list(resolved['patch_size'])} -> {plan.patch_size} "
-                                   f"(multiple of token size {plan.token_size}), batch {plan.batch_size}")
-        apply_token_plan(self.plans_manager.plans["configurations"][configuration], plan)
-        self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
-        self.configuration_manager = self.plans_manager.get_configuration(configuration)
+        plan = self.use_token_plan(configuration)
         self.enable_deep_supervision = False
-        if self.network_config(plan.token_size).sparse:  # a new key of nnU-Net's logger: kept in checkpoints
-            self.logger.local_logger.my_fantastic_logging.setdefault("kept_foreground", [])
+        if self.network_config(plan.token_size).sparse:
+            self.track_keep_statistics()
+
+    @classmethod
+    def token_plan(cls, configuration: dict) -> TokenPlan:
+        """The rule nnScd_plan_and_preprocess writes into nnScdPlans (token size from the spacing)."""
+        return token_plan_for(configuration)
 
     @classmethod
     def network_config(cls, token_size: List[int]):
@@ -86,35 +67,6 @@ class TokenSparseTrainer(nnScdTrainer):
                                       weight_decay=self.weight_decay_adamw)
         warmup = max(1, round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupPolyLR(optimizer, self.initial_lr_adamw, self.num_epochs, warmup)
-
-    # keep statistics: how often the scorer keeps foreground tokens, measured on validation batches
-    def validation_step(self, batch: dict) -> dict:
-        result = super().validation_step(batch)
-        network = unwrap(self.network)
-        if network.config.sparse:
-            result["kept_foreground"] = kept_foreground_share(network.last_keep_indices, batch["target"],
-                                                              network.token_size)
-        return result
-
-    def on_validation_epoch_end(self, val_outputs: List[dict]) -> None:
-        super().on_validation_epoch_end(val_outputs)
-        if "kept_foreground" in val_outputs[0]:
-            shares = np.nanmean(np.stack([o["kept_foreground"] for o in val_outputs]), axis=0)
-            self.logger.log("kept_foreground", [round(float(s), 4) for s in shares], self.current_epoch)
-            keep = np.cumprod(unwrap(self.network).config.keep_ratios)
-            self.print_to_log_file(f"Foreground tokens kept per pruning stage: {self.logger.get_value('kept_foreground', -1)}"
-                                   f" (chance: {[round(float(k), 4) for k in keep]})")
-
-
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
-        history = self.logger.local_logger.my_fantastic_logging.get("kept_foreground")
-        if history and self.local_rank == 0:
-            keep = np.cumprod(unwrap(self.network).config.keep_ratios)
-            stages = {f"after stage {i + 1}": [h[i] for h in history] for i in range(len(keep))}
-            plot_per_epoch(stages, os.path.join(self.output_folder, "token_keep_progress.png"),
-                           "Foreground tokens kept by STP (validation batches)", "share of foreground tokens kept",
-                           references=dict(zip(stages, keep)))
 
 
 class STPMTATrainer(TokenSparseTrainer):

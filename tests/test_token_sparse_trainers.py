@@ -8,7 +8,8 @@ import torch
 import nnscd_trainers
 from conftest import DATASET_ID, dice_per_class, run_command
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
-from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer, WarmupPolyLR, kept_foreground_share
+from nnscd_trainers.keep_statistics import kept_foreground_share
+from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer, WarmupPolyLR
 
 TOKEN_TRAINERS = [getattr(nnscd_trainers, n) for n in nnscd_trainers.__all__
                   if issubclass(getattr(nnscd_trainers, n), TokenSparseTrainer) and "paper" not in n]

@@ -122,3 +122,70 @@ def nnunet_unet_forward_flops(in_channels: int, num_classes: int, patch_size: Se
         flops += conv_flops(positions, kernels[s], 2 * feats[s], feats[s])
         flops += (n_conv - 1) * conv_flops(positions, kernels[s], feats[s], feats[s])
     return flops + conv_flops(batch_size * math.prod(sizes[0]), (1,) * len(patch_size), feats[0], num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primus (nnU-Net's PrimusV3) and its token-sparse twin
+# ---------------------------------------------------------------------------------------------------------------
+
+def eva_block_flops(batch: int, tokens: int, dim: int, mlp_ratio: float = 4 * 2 / 3) -> int:
+    """Eva block: q, k, v and proj linears, SwiGLU (two input linears and one output), QK^T and AV."""
+    hidden, n = int(dim * mlp_ratio), batch * tokens
+    return (linear_flops(n, dim, 3 * dim) + linear_flops(n, dim, dim) + 2 * linear_flops(n, dim, hidden)
+            + linear_flops(n, hidden, dim) + 4 * batch * tokens * tokens * dim)
+
+
+def primus_conv_flops(size: str, in_channels: int, num_classes: int, patch_size: Sequence[int],
+                      batch_size: int = 1) -> dict[str, int]:
+    """FLOPs of PrimusV3's convolutional stem and patch decoder, counted by FlopCounterMode on the two modules
+    built on the meta device (no memory, no compute): they see every token whatever the keep ratio."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, primus_width
+
+    def count(module: "torch.nn.Module", x: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
+        with FlopCounterMode(display=False) as counter:
+            y = module(x)
+        return counter.get_total_flops(), y
+
+    with torch.device("meta"):
+        from dynamic_network_architectures.building_blocks.patch_encode_decode import (
+            LayerNormNd, PatchDecode, PatchEmbedDeeperControlled)
+        stem = PatchEmbedDeeperControlled(input_channels=in_channels, embed_dim=primus_width(size),
+                                          depth_per_level=(1, 1, 1), ch_per_level=(32, 64, 256, 1024),
+                                          add_skips=True, nonlin=torch.nn.LeakyReLU)
+        decoder = PatchDecode(PRIMUS_TOKEN, primus_width(size), num_classes, norm=LayerNormNd,
+                              activation=torch.nn.GELU)
+        stem_flops, tokens = count(stem, torch.empty(batch_size, in_channels, *patch_size))
+        decoder_flops, _ = count(decoder, tokens)
+    return {"stem": stem_flops, "decoder": decoder_flops}
+
+
+def sparse_primus_flop_breakdown(config: "SparsePrimusConfig", in_channels: int, num_classes: int,
+                                 patch_size: Sequence[int], batch_size: int = 1) -> dict[str, int]:
+    """Forward FLOPs of a TokenSparsePrimus (or, with no pruning stages, of nnU-Net's PrimusV3) by part: stem,
+    encoder (Eva blocks on the live tokens), scorers, mta, decoder."""
+    from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, primus_depth, primus_width
+
+    B, D, depth = batch_size, primus_width(config.size), primus_depth(config.size)
+    L = math.prod(token_grid(patch_size, PRIMUS_TOKEN))
+    parts = {"stem": 0, "encoder": 0, "scorers": 0, "mta": 0, "decoder": 0}
+    parts.update(primus_conv_flops(config.size, in_channels, num_classes, patch_size, batch_size))
+    live, hidden = L, config.scorer_hidden or D // 4
+    for number in range(1, depth + 1):
+        parts["encoder"] += eva_block_flops(B, live, D)
+        if number in config.prune_after:
+            parts["scorers"] += (linear_flops(B * live, D, hidden) + linear_flops(B * live, 2 * hidden, hidden)
+                                 + linear_flops(B * live, hidden, 1))
+            live = num_kept(live, config.keep_ratios[config.prune_after.index(number)], config.min_tokens)
+    if config.sparse and config.mta:
+        W = config.mta_dim
+        parts["mta"] = (linear_flops(B * L, D, W) + config.mta_depth * eva_block_flops(B, L, W)
+                        + linear_flops(B * L, W, D))
+    return parts
+
+
+def sparse_primus_forward_flops(config: "SparsePrimusConfig", in_channels: int, num_classes: int,
+                                patch_size: Sequence[int], batch_size: int = 1) -> int:
+    return sum(sparse_primus_flop_breakdown(config, in_channels, num_classes, patch_size, batch_size).values())

@@ -11,8 +11,10 @@ from typing import Callable, Optional, Sequence
 
 from torch import nn
 
-from nnscd.networks.flop_model import nnunet_unet_forward_flops, token_sparse_forward_flops
+from nnscd.networks.flop_model import (nnunet_unet_forward_flops, sparse_primus_forward_flops,
+                                       token_sparse_forward_flops)
 from nnscd.networks.plain_unet import build_nnunet_unet
+from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
 from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
 
 Builder = Callable[[int, int, Sequence[int]], nn.Module]
@@ -52,6 +54,31 @@ NETWORKS["nnunet-unet"] = build_nnunet_unet
 FLOP_MODELS: dict[str, Callable[..., int]] = {name: partial(token_sparse_forward_flops, c)
                                               for name, c in CONFIGS.items()}
 FLOP_MODELS["nnunet-unet"] = nnunet_unet_forward_flops
+
+
+# nnU-Net's PrimusV3 (as nnunetv2's nnUNet_PrimusV3*_Trainer builds it) and its token-sparse twin (STP after blocks
+# 3 and 6 keeping 25% each, MTA). A PrimusV3 is a TokenSparsePrimus with no pruning stages: same modules, same output.
+def sparse_primus_builder(config: SparsePrimusConfig) -> Builder:
+    def build(in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:
+        return TokenSparsePrimus(in_channels, num_classes, patch_size, config)
+    return build
+
+
+def primus_builder(size: str) -> Builder:
+    def build(in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:
+        from dynamic_network_architectures.architectures import primus
+        return getattr(primus, f"PrimusV3{size}")(in_channels, num_classes, PRIMUS_TOKEN, tuple(patch_size),
+                                                  drop_path_rate=0.2, scale_attn_inner=True, init_values=0.1)
+    return build
+
+
+for size in ("S", "B", "M", "L"):
+    sparse_config, dense_config = SparsePrimusConfig(size=size), SparsePrimusConfig(size=size, prune_after=(),
+                                                                                   keep_ratios=())
+    NETWORKS[f"primusv3-{size.lower()}"] = primus_builder(size)
+    NETWORKS[f"stpmta-primusv3-{size.lower()}"] = sparse_primus_builder(sparse_config)
+    FLOP_MODELS[f"primusv3-{size.lower()}"] = partial(sparse_primus_forward_flops, dense_config)
+    FLOP_MODELS[f"stpmta-primusv3-{size.lower()}"] = partial(sparse_primus_forward_flops, sparse_config)
 
 
 def build_network(name: str, in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:

@@ -13,7 +13,7 @@ Nothing here imports nnU-Net; a network takes (B, C, *patch) and returns (B, num
 """
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,7 @@ class Block(nn.Module):
 class TokenSet(NamedTuple):
     features: Tensor  # (B, n, D)
     positions: Tensor  # (B, n) int64: each token's index in the full, spatially ordered sequence
+    weights: Optional[Tensor] = None  # (B, n, 1) soft indicator the features were scaled by (training only)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
@@ -227,24 +228,28 @@ class SoftTopKPruning(nn.Module):
     neither set is scaled.
     """
 
-    def __init__(self, keep: float, config: TokenSparseConfig):
+    def __init__(self, keep: float, config: TokenSparseConfig, dim: Optional[int] = None):
         super().__init__()
-        self.keep, self.config = keep, config
-        self.scorer = TokenScorer(config.dim, config.scorer_hidden or config.dim // 4)
+        self.keep, self.config = keep, config  # config: any object with TokenSparseConfig's STP fields
+        dim = dim or config.dim
+        self.scorer = TokenScorer(dim, config.scorer_hidden or dim // 4)
 
     def forward(self, live: TokenSet) -> tuple[TokenSet, TokenSet]:  # -> kept (B, K, D), pruned (B, L_live-K, D)
-        x, positions = live
+        x, positions = live.features, live.positions
         k = num_kept(x.shape[1], self.keep, self.config.min_tokens)
         scores = standardise(self.scorer(x).float())  # (B, L_live), fp32: the noise scale must mean the same
         order = scores.argsort(dim=1, descending=True, stable=True)
         keep_idx, drop_idx = order[:, :k], order[:, k:]
         kept, dropped = gather_tokens(x, keep_idx), gather_tokens(x, drop_idx)
+        kept_weight = dropped_weight = None
         if self.training:
             c = self.config
             indicator = soft_topk(scores, k, c.sigma, c.num_samples, c.estimator).to(x.dtype)  # (B, L_live)
-            kept = kept * indicator.gather(1, keep_idx).unsqueeze(-1)
-            dropped = dropped * (1 - indicator.gather(1, drop_idx)).unsqueeze(-1)
-        return TokenSet(kept, positions.gather(1, keep_idx)), TokenSet(dropped, positions.gather(1, drop_idx))
+            kept_weight = indicator.gather(1, keep_idx).unsqueeze(-1)
+            dropped_weight = (1 - indicator.gather(1, drop_idx)).unsqueeze(-1)
+            kept, dropped = kept * kept_weight, dropped * dropped_weight
+        return (TokenSet(kept, positions.gather(1, keep_idx), kept_weight),
+                TokenSet(dropped, positions.gather(1, drop_idx), dropped_weight))
 
 
 class TokenSparseEncoder(nn.Module):

@@ -1,0 +1,203 @@
+"""Token-sparse Primus: STP token pruning and MTA token completion on nnU-Net's PrimusV3.
+
+The dense network is `dynamic_network_architectures.architectures.primus.PrimusV3X` (what nnunetv2's
+`nnUNet_PrimusV3{S,B,M,L}_Trainer` train): a convolutional stem to 8^3 tokens, EVA blocks with 3D RoPE, SwiGLU and
+LayerScale, then Primus' patch decoder. `TokenSparsePrimus` is that class with a forward that runs the same Eva
+blocks one by one and prunes between them:
+
+  stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ... ->
+  eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
+  -> scatter to the grid -> PatchDecode
+
+Read top to bottom: 1. configuration, 2. RoPE rows of live tokens, 3. MTA, 4. the network.
+
+Weight compatibility: `down_projection.*`, `eva.*` and `up_projection.*` are Primus' own modules, so a dense
+PrimusV3 state dict loads with `strict=False`, missing only `stages.*` and `mta.*` (`fresh_modules`). MTA's output
+projection starts at zero, so right after such a warm start the network computes the MTA-off infill, and with keep
+ratio 1 exactly the dense Primus output.
+
+Shapes: B batch, L tokens of the grid, K live tokens, D Primus width, W MTA width, R RoPE width (2 x head dim).
+Nothing here imports nnU-Net.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, PrimusV3X
+from timm.layers import RotaryEmbeddingCat, apply_keep_indices_nlc
+from timm.models.eva import EvaBlock
+from torch import Tensor, nn
+
+from nnscd.networks.soft_topk import ESTIMATORS
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet
+
+PRIMUS_SIZES = ("S", "B", "M", "L")
+PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
+
+
+def primus_width(size: str) -> int:
+    return _PRIMUS_CONFIGS[size]["embed_dim"]  # the size table PrimusV3X itself reads
+
+
+def primus_depth(size: str) -> int:
+    return _PRIMUS_CONFIGS[size]["eva_depth"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SparsePrimusConfig:
+    """What STP + MTA add to a PrimusV3 of size `size`. `prune_after` are 1-based Eva block numbers; keep ratios
+    compound ((0.25, 0.25): 25% then 6.25% of the tokens stay live). `mta=False`: no completion attention, every
+    position is decoded from the deepest features it reached (the ablation, and the dense model's exact twin at
+    keep 1). The field names of the STP settings are those `SoftTopKPruning` reads."""
+    size: str = "S"
+    prune_after: tuple[int, ...] = (3, 6)
+    keep_ratios: tuple[float, ...] = (0.25, 0.25)
+    min_tokens: int = 4
+    sigma: float = 0.25
+    num_samples: int = 128
+    estimator: str = "perturbed"
+    scorer_hidden: int = 96
+    mta: bool = True
+    mta_dim: int = 192
+    mta_depth: int = 1
+    mta_heads: int = 4  # head 48 -> RoPE over 32 channels (Eva's rule: head / 1.5, divisible by 4)
+    drop_path_rate: float = 0.2  # Primus' default
+
+    def __post_init__(self):
+        if self.size not in PRIMUS_SIZES:
+            raise ValueError(f"Primus size {self.size!r} unknown; choose one of {PRIMUS_SIZES}")
+        if len(self.prune_after) != len(self.keep_ratios):
+            raise ValueError(f"one keep ratio per pruning stage: prune_after={self.prune_after}, "
+                             f"keep_ratios={self.keep_ratios}")
+        if list(self.prune_after) != sorted(set(self.prune_after)) or not all(p >= 1 for p in self.prune_after):
+            raise ValueError(f"prune_after={self.prune_after} must be increasing block numbers >= 1")
+        if not all(0 < k <= 1 for k in self.keep_ratios):
+            raise ValueError(f"keep ratios must lie in (0, 1], got {self.keep_ratios}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        head = self.mta_dim / self.mta_heads
+        if head != int(head) or (head / 1.5) != int(head / 1.5) or int(head / 1.5) % 4:
+            raise ValueError(f"MTA width {self.mta_dim} / {self.mta_heads} heads = {head}: the head width must be "
+                             f"a multiple of 6 whose 2/3 is divisible by 4 (3D RoPE), e.g. 192 / 4")
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.prune_after)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. RoPE rows of live tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def live_rope(table: Tensor, x: Tensor, positions: Tensor) -> Tensor:
+    """RoPE table (L, R) -> the rows of each sample's live tokens, (B, 1, K, R): timm's PatchDropout gather, with
+    the head axis that timm's Eva adds so the rows broadcast over heads."""
+    return apply_keep_indices_nlc(x, table, positions).unsqueeze(1)
+
+
+def grid_rope(dim: int, heads: int, grid: Sequence[int]) -> RotaryEmbeddingCat:
+    """3D RoPE of a width-`dim` attention over the token grid, built as Eva builds its own."""
+    return RotaryEmbeddingCat(round(dim / heads / 1.5), in_pixels=False, feat_shape=list(grid),
+                              ref_feat_shape=list(grid))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. MTA: multi-layer token assembly on Eva blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+class PrimusTokenCompletion(nn.Module):
+    """MTA for Primus: assemble every position's deepest features (per-source norm + linear + source embedding),
+    run narrow Eva blocks with the RoPE of the whole grid, and return a correction (B, L, D) to the infill. The
+    output projection starts at zero: a warm-started network begins from the dense model's decoder input."""
+
+    def __init__(self, num_sources: int, dim: int, config: SparsePrimusConfig, grid: Sequence[int]):
+        super().__init__()
+        W = config.mta_dim
+        self.assemble = TokenAssembly(num_sources, dim, W)
+        self.rope = grid_rope(W, config.mta_heads, grid)
+        self.blocks = nn.ModuleList(
+            EvaBlock(W, config.mta_heads, qkv_bias=True, qkv_fused=False, mlp_ratio=4 * 2 / 3, swiglu_mlp=True,
+                     scale_mlp=True, scale_attn_inner=True, init_values=0.1, num_prefix_tokens=0)
+            for _ in range(config.mta_depth))
+        self.norm, self.proj = nn.LayerNorm(W), nn.Linear(W, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, sources: Sequence[TokenSet], num_tokens: int) -> Tensor:  # -> (B, L, D)
+        x = self.assemble(sources, num_tokens)  # (B, L, W), spatial order
+        rope = self.rope.get_embed()  # (L, R)
+        for block in self.blocks:
+            x = block(x, rope=rope)
+        return self.proj(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. the network
+# ---------------------------------------------------------------------------------------------------------------
+
+def scatter_tokens(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
+    """Token sets whose positions partition 0..L-1 -> one (B, L, D) sequence in spatial order."""
+    x = torch.cat([s.features for s in sources], dim=1)
+    index = torch.cat([s.positions for s in sources], dim=1).unsqueeze(-1).expand_as(x)
+    return x.new_zeros(x.shape[0], num_tokens, x.shape[2]).scatter(1, index, x)
+
+
+class TokenSparsePrimus(PrimusV3X):
+    """nnU-Net's PrimusV3 of `config.size` with STP stages between its Eva blocks and MTA before its decoder.
+
+    After each forward `last_keep_indices[s]` holds the grid positions (B, K_s) kept by stage s (C order).
+    """
+    fresh_modules = ("stages.", "mta.")  # what a dense Primus checkpoint does not hold
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int],
+                 config: SparsePrimusConfig = SparsePrimusConfig()):
+        super().__init__(input_channels, num_classes, config.size, PRIMUS_TOKEN, tuple(patch_size),
+                         drop_path_rate=config.drop_path_rate)
+        depth = len(self.eva.blocks)
+        if config.prune_after and config.prune_after[-1] >= depth:
+            raise ValueError(f"prune_after={config.prune_after}: Primus-{config.size} has {depth} blocks; prune "
+                             f"after blocks 1..{depth - 1}")
+        self.config = config
+        self.token_size = PRIMUS_TOKEN
+        self.grid = tuple(p // t for p, t in zip(patch_size, PRIMUS_TOKEN))
+        self.stages = nn.ModuleList(SoftTopKPruning(keep, config, self.embed_dim) for keep in config.keep_ratios)
+        self.mta = (PrimusTokenCompletion(len(config.prune_after) + 1, self.embed_dim, config, self.grid)
+                    if config.sparse and config.mta else None)
+        self.last_keep_indices: list[Tensor] = []
+
+    def encode(self, tokens: Tensor) -> tuple[list[TokenSet], list[Tensor]]:
+        """(B, L, D) embedded tokens -> the token sets that make up the grid after the last block (tokens pruned
+        at each stage with that stage's features, then the survivors) and the kept positions of each stage."""
+        x, rope, _ = self.eva._pos_embed(tokens)  # abs. positions added; rope (L, R) for the whole grid
+        B, L, _ = x.shape
+        live = TokenSet(x, torch.arange(L, device=x.device).expand(B, L))
+        live_rows: Optional[Tensor] = rope  # (L, R) while every token is live, then (B, 1, K, R)
+        pruned, kept_positions = [], []
+        for number, block in enumerate(self.eva.blocks, start=1):
+            live = live._replace(features=block(live.features, rope=live_rows))
+            if number in self.config.prune_after:
+                live, dropped = self.stages[self.config.prune_after.index(number)](live)
+                pruned.append(dropped)
+                kept_positions.append(live.positions)
+                live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
+        return [*pruned, live], kept_positions
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, *patch) -> (B, num_classes, *patch)
+        tokens = self.down_projection(x)  # (B, D, *grid)
+        B, D, *grid = tokens.shape
+        sources, kept_positions = self.encode(tokens.flatten(2).transpose(1, 2))
+        self.last_keep_indices = [p.detach() for p in kept_positions]
+        L = math.prod(grid)
+        # eva.norm per token, then the soft indicator (after the norm, which would cancel it), so both the kept
+        # and the pruned set pass gradient to the scorers
+        normed = [s._replace(features=self.eva.norm(s.features) * (1 if s.weights is None else s.weights))
+                  for s in sources]
+        sequence = scatter_tokens(normed, L)  # (B, L, D)
+        if self.mta is not None:
+            sequence = sequence + self.mta(sources, L)
+        return self.up_projection(sequence.transpose(1, 2).reshape(B, D, *grid))

@@ -1,0 +1,126 @@
+"""Token-sparse Primus trainers on nnU-Net's own Primus recipe, and nnscd twins of nnunetv2's dense Primus trainers.
+
+`STPMTAPrimusV3{S,B,M,L}Trainer` inherit nnunetv2's `nnUNet_PrimusV3{S,B,M,L}_Trainer` (and with it `AbstractPrimus`:
+AdamW 3e-4, betas (0.9, 0.98), linear warm-up of the whole net, then poly, gradient clipping at 1, no deep
+supervision) and change one thing: the network, `TokenSparsePrimus` with STP stages and MTA. Their dense twin is
+nnunetv2's trainer itself, unchanged; `PrimusV3{S,B}Trainer_*` are that trainer on nnscd's schedules (same atomic
+per-epoch checkpoints, seeding and final-validation predictor as the sparse one, so a comparison differs only in the
+network).
+
+Warm start: `nnScd_train ... -tr STPMTAPrimusV3STrainer -pretrained_weights FOLD/checkpoint_final.pth` of a dense
+Primus fold loads every Primus module; only the scorers and MTA start fresh (nnscd.pretrained_weights).
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import (AbstractPrimus, nnUNet_PrimusV3B_Trainer,
+                                                                     nnUNet_PrimusV3L_Trainer, nnUNet_PrimusV3M_Trainer,
+                                                                     nnUNet_PrimusV3S_Trainer)
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
+from nnscd.token_planning import TokenPlan, plan_tokens
+from nnscd_trainers.keep_statistics import KeepStatistics
+from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, nnScdTrainer
+
+NNUNET_WARMUP_SHARE = 50 / 1000  # AbstractPrimus: 50 warm-up epochs of 1000
+
+
+class nnScdPrimusTrainer(nnScdTrainer, AbstractPrimus):
+    """nnU-Net's Primus recipe with nnscd's checkpoints, seeding and schedules. A shortened schedule keeps nnU-Net's
+    warm-up share (5% of the epochs) instead of spending all of a short run warming up, but at least two epochs:
+    nnU-Net's linear warm-up reaches the full rate in its last epoch, so one epoch would be no warm-up at all.
+    Patches are rounded up to multiples of Primus' 8^3 token (nnunetv2's own trainers crash on others)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.warmup_duration_whole_net = max(2, round(NNUNET_WARMUP_SHARE * self.num_epochs))
+        self.use_token_plan(configuration)
+
+    @classmethod
+    def token_plan(cls, configuration: dict) -> TokenPlan:
+        return plan_tokens(configuration["patch_size"], configuration["spacing"], configuration["batch_size"],
+                           tokens=PRIMUS_TOKEN)
+
+
+class TokenSparsePrimusTrainer(KeepStatistics, nnScdPrimusTrainer):
+    """Builds `TokenSparsePrimus` of `size`; variants change `config_changes` (fields of SparsePrimusConfig)."""
+    size = "S"
+    config_changes: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.network_config().sparse:
+            self.track_keep_statistics()
+
+    @classmethod
+    def network_config(cls) -> SparsePrimusConfig:
+        return dataclasses.replace(SparsePrimusConfig(size=cls.size), **cls.config_changes)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return TokenSparsePrimus(num_input_channels, num_output_channels, configuration_manager.patch_size,
+                                 cls.network_config())
+
+
+class STPMTAPrimusV3STrainer(TokenSparsePrimusTrainer, nnUNet_PrimusV3S_Trainer):
+    """PrimusV3-S with STP after Eva blocks 3 and 6 (25% of the tokens live, then 6.25%) and MTA."""
+    size = "S"
+
+
+class STPMTAPrimusV3BTrainer(TokenSparsePrimusTrainer, nnUNet_PrimusV3B_Trainer):
+    size = "B"
+
+
+class STPMTAPrimusV3MTrainer(TokenSparsePrimusTrainer, nnUNet_PrimusV3M_Trainer):
+    size = "M"
+
+
+class STPMTAPrimusV3LTrainer(TokenSparsePrimusTrainer, nnUNet_PrimusV3L_Trainer):
+    size = "L"
+
+
+class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
+    """Gentler pruning: 50% then 25% of the tokens stay live."""
+    config_changes = {"keep_ratios": (0.5, 0.5)}
+
+
+class STPMTAPrimusV3STrainer_noMTA(STPMTAPrimusV3STrainer):
+    """Ablation: no completion attention; pruned positions are decoded from the features they were pruned with."""
+    config_changes = {"mta": False}
+
+
+# schedule variants (nnscd_trainer: CPU_SCHEDULE to try the workflow, BUDGET_* the quality protocol's budget)
+class STPMTAPrimusV3STrainer_cpu(STPMTAPrimusV3STrainer):
+    schedule = CPU_SCHEDULE
+
+
+class STPMTAPrimusV3STrainer_budget(STPMTAPrimusV3STrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class PrimusV3STrainer_cpu(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
+    """nnunetv2's dense PrimusV3-S trainer on nnscd's CPU schedule: the twin of STPMTAPrimusV3STrainer_cpu."""
+    schedule = CPU_SCHEDULE
+
+
+class PrimusV3STrainer_budget(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
+    """nnunetv2's dense PrimusV3-S trainer on the quality protocol's budget."""
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class PrimusV3BTrainer_budget(nnScdPrimusTrainer, nnUNet_PrimusV3B_Trainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3BTrainer_budget(STPMTAPrimusV3BTrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

@@ -1,0 +1,113 @@
+"""Token-sparse Primus: the same computation as nnU-Net's PrimusV3 at keep 1, warm starts from a dense checkpoint,
+RoPE rows that follow their tokens, FLOPs that fall with the keep ratio as modelled, trainers on nnU-Net's recipe."""
+import dataclasses
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.primus import PrimusV3S
+from torch.utils.flop_counter import FlopCounterMode
+
+import nnscd.networks.token_sparse_primus as sparse_primus
+from nnscd.networks.flop_model import sparse_primus_flop_breakdown, sparse_primus_forward_flops
+from nnscd.networks.registry import build_network, modelled_forward_flops
+from nnscd.networks.token_sparse_primus import SparsePrimusConfig, TokenSparsePrimus, live_rope
+from nnscd.pretrained_weights import load_pretrained_weights
+
+PATCH = (32, 32, 32)  # 4 x 4 x 4 = 64 tokens
+KEEP_ALL_NO_MTA = SparsePrimusConfig(keep_ratios=(1.0, 1.0), mta=False)
+
+
+@pytest.fixture(scope="module")
+def dense() -> PrimusV3S:
+    torch.manual_seed(0)  # nnunetv2's nnUNet_PrimusV3S_Trainer builds exactly this
+    return PrimusV3S(1, 3, (8, 8, 8), PATCH, drop_path_rate=0.2, scale_attn_inner=True, init_values=0.1).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randn(2, 1, *PATCH, generator=torch.Generator().manual_seed(1))
+
+
+def warm_started(dense: PrimusV3S, config: SparsePrimusConfig) -> TokenSparsePrimus:
+    net = TokenSparsePrimus(1, 3, PATCH, config).eval()
+    result = net.load_state_dict(dense.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert {k.split(".")[0] for k in result.missing_keys} <= {"stages", "mta"}
+    return net
+
+
+@pytest.mark.parametrize("config", [SparsePrimusConfig(prune_after=(), keep_ratios=()), KEEP_ALL_NO_MTA,
+                                    SparsePrimusConfig(keep_ratios=(1.0, 1.0))], ids=["no-stages", "keep1", "keep1-mta"])
+def test_keep_one_computes_what_nnunets_primus_computes(dense, image, config):
+    net = warm_started(dense, config)
+    with torch.no_grad():
+        expected, got = dense(image), net(image)
+    # keep 1 reorders the tokens by score (attention does not care); MTA's output projection starts at zero
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    if config.sparse:
+        assert all(k.shape == (2, 64) for k in net.last_keep_indices)
+
+
+def test_rope_rows_travel_with_their_tokens(dense, image, monkeypatch):
+    table = torch.randn(64, 16)
+    positions = torch.stack([torch.randperm(64)[:10] for _ in range(2)])
+    rows = live_rope(table, torch.zeros(2, 10, 8), positions)
+    assert rows.shape == (2, 1, 10, 16) and torch.equal(rows[:, 0], table[positions])
+
+    # keep 1 puts the tokens in score order; only if each carries its own RoPE row does the output stay Primus'
+    net = warm_started(dense, KEEP_ALL_NO_MTA)
+    with torch.no_grad():
+        assert not torch.equal(net.encode(torch.randn(2, 64, 396))[1][0], torch.arange(64).expand(2, 64))
+        monkeypatch.setattr(sparse_primus, "live_rope", lambda table, x, positions: table)  # rows left in grid order
+        assert (net(image) - dense(image)).abs().max() > 1e-3
+
+
+def test_dense_checkpoint_warm_starts_the_sparse_network(dense, image, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": dense.state_dict()}, checkpoint)
+    net = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(keep_ratios=(1.0, 1.0)))
+    load_pretrained_weights(net, str(checkpoint))
+    assert "starting fresh: mta, stages" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(image), dense(image), atol=1e-5, rtol=1e-5)
+
+    other = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(size="B"))  # another width: refused, file named
+    with pytest.raises(RuntimeError, match="checkpoint_final.pth does not fit TokenSparsePrimus.*another shape"):
+        load_pretrained_weights(other, str(checkpoint))
+
+
+def test_pruning_trains_the_scorers_through_both_token_sets(image):
+    torch.manual_seed(0)
+    net = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(keep_ratios=(0.5, 0.5), mta=False)).train()
+    net(image).square().mean().backward()
+    for stage in net.stages:
+        assert stage.scorer.head[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])
+def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep):
+    config = SparsePrimusConfig(keep_ratios=(keep, keep))
+    with torch.device("meta"):
+        net = TokenSparsePrimus(1, 3, PATCH, config).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, 1, *PATCH))
+    assert counter.get_total_flops() == sparse_primus_forward_flops(config, 1, 3, PATCH)
+    parts = sparse_primus_flop_breakdown(config, 1, 3, PATCH)
+    dense_parts = sparse_primus_flop_breakdown(dataclasses.replace(config, prune_after=(), keep_ratios=()), 1, 3, PATCH)
+    assert parts["stem"] == dense_parts["stem"] and parts["decoder"] == dense_parts["decoder"]
+    assert (parts["encoder"] < dense_parts["encoder"]) == (keep < 1)
+
+
+def test_benchmark_names_build_nnunets_primus_and_its_sparse_twin():
+    with torch.device("meta"):
+        assert type(build_network("primusv3-s", 1, 2, PATCH)).__name__ == "PrimusV3S"
+        assert isinstance(build_network("stpmta-primusv3-b", 1, 2, PATCH), TokenSparsePrimus)
+    assert modelled_forward_flops("stpmta-primusv3-b", 1, 2, (96, 96, 96)) < \
+        modelled_forward_flops("primusv3-b", 1, 2, (96, 96, 96))
+
+
+def test_configuration_errors_name_the_fix():
+    with pytest.raises(ValueError, match="Primus-S has 12 blocks"):
+        TokenSparsePrimus(1, 2, PATCH, SparsePrimusConfig(prune_after=(3, 12)))
+    with pytest.raises(ValueError, match="head width"):
+        SparsePrimusConfig(mta_dim=192, mta_heads=3)

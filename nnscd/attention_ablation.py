@@ -144,7 +144,7 @@ def format_table(results: Dict[str, dict]) -> str:
 
 def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
     predictor, network = load_model(args.m, args.f, args.chk, args.device, "nnScd_attention_ablation",
-                                    use_mirroring=args.tta)
+                                    use_mirroring=args.tta, primus=False)  # ablates the ViT decoder's input maps
     check_folders(args.i, args.ref, predictor.dataset_json["file_ending"])
     modes = ["none"] + [m for m in dict.fromkeys(args.modes) if m != "none"]  # the reference always runs
     summaries = {}

@@ -42,12 +42,14 @@ PIPELINE_KEYS = ("iter_s_with_loading", "iter_s_without_loading", "iterations_pe
 
 def modelled_gflops(network: torch.nn.Module, in_channels: int, classes: int, patch: Sequence[int],
                     batch: int) -> Optional[float]:
-    from nnscd.networks.flop_model import token_sparse_forward_flops
+    from nnscd.networks.flop_model import sparse_primus_forward_flops, token_sparse_forward_flops
+    from nnscd.networks.token_sparse_primus import primus_config_of
     from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 
-    if not isinstance(network, TokenSparseSegmenter):
-        return None
-    return token_sparse_forward_flops(network.config, in_channels, classes, patch, batch) / 1e9
+    if isinstance(network, TokenSparseSegmenter):
+        return token_sparse_forward_flops(network.config, in_channels, classes, patch, batch) / 1e9
+    primus = primus_config_of(network)
+    return None if primus is None else sparse_primus_forward_flops(primus, in_channels, classes, patch, batch) / 1e9
 
 
 def measure_trainer(args: argparse.Namespace, trainer_name: str) -> dict:

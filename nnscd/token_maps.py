@@ -16,18 +16,21 @@ import argparse
 import json
 import os
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from nnscd.commands import _prepare, fail
+from nnscd.networks.token_sparse_primus import TokenSparsePrimus
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.safe_io import atomic_path
 
 if TYPE_CHECKING:  # nnunetv2 is imported only after the environment is settled
     from nnscd.predictor import nnScdPredictor
+
+TokenSparseNetwork = Union[TokenSparseSegmenter, TokenSparsePrimus]  # both expose grid, token_size, config, last_keep_indices
 
 PLOT_COLOURS = ("tab:cyan", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:pink")
 
@@ -36,29 +39,33 @@ PLOT_COLOURS = ("tab:cyan", "tab:red", "tab:green", "tab:orange", "tab:purple", 
 # loading a trained model (shared with nnScd_attention_ablation)
 # ---------------------------------------------------------------------------------------------------------------
 
-def token_sparse_trainers(sparse: Optional[bool] = None) -> List[str]:
-    """nnscd's STP+MTA family trainers; only pruning ones (sparse=True) or only dense twins (sparse=False)."""
+def token_sparse_trainers(sparse: Optional[bool] = None, primus: bool = True) -> List[str]:
+    """nnscd's STP+MTA trainers (ViT family, and the Primus family unless primus=False); only pruning ones
+    (sparse=True) or only dense twins (sparse=False)."""
     import nnscd_trainers
+    from nnscd_trainers.primus_trainers import TokenSparsePrimusTrainer
     from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer
 
+    families = (TokenSparseTrainer, TokenSparsePrimusTrainer) if primus else (TokenSparseTrainer,)
     classes = [getattr(nnscd_trainers, name) for name in nnscd_trainers.__all__]
-    return sorted(c.__name__ for c in classes if issubclass(c, TokenSparseTrainer)
-                  and sparse in (None, c.network_config((8, 8, 8)).sparse))
+    return sorted(c.__name__ for c in classes if issubclass(c, families) and sparse in (None, c.prunes()))
 
 
-def require_token_sparse(network: torch.nn.Module, trainer_name: str, tool: str) -> TokenSparseSegmenter:
-    """The TokenSparseSegmenter inside `network` (DDP / torch.compile wrappers removed), or a clear error."""
+def require_token_sparse(network: torch.nn.Module, trainer_name: str, tool: str,
+                         primus: bool = True) -> TokenSparseNetwork:
+    """The token-sparse network inside `network` (DDP / torch.compile wrappers removed), or a clear error."""
     from nnscd_trainers.nnscd_trainer import unwrap
 
     network = unwrap(network)
-    if not isinstance(network, TokenSparseSegmenter):
-        fail(f"{tool} needs a token-sparse ViT (TokenSparseSegmenter), but trainer {trainer_name} builds "
-             f"{type(network).__name__}. It works with the STP+MTA family and its dense twins: "
-             f"{', '.join(token_sparse_trainers())}.")
+    accepted = (TokenSparseSegmenter, TokenSparsePrimus) if primus else (TokenSparseSegmenter,)
+    if not isinstance(network, accepted):
+        fail(f"{tool} needs a token-sparse network ({' or '.join(a.__name__ for a in accepted)}), but trainer "
+             f"{trainer_name} builds {type(network).__name__}. It works with these trainers: "
+             f"{', '.join(token_sparse_trainers(primus=primus))}.")
     return network
 
 
-def require_pruning(network: TokenSparseSegmenter, trainer_name: str) -> None:
+def require_pruning(network: TokenSparseNetwork, trainer_name: str) -> None:
     """Token maps of a dense twin would be empty: stop and name the trainers that prune."""
     if not network.config.sparse:
         fail(f"trainer {trainer_name} builds a dense network (no pruning stages), so no tokens are dropped and "
@@ -79,7 +86,7 @@ def check_model_folder(model_folder: str, folds: Sequence[str], checkpoint: str)
 
 
 def load_model(model_folder: str, folds: Sequence[str], checkpoint: str, device: str, tool: str,
-               use_mirroring: bool = False) -> Tuple["nnScdPredictor", TokenSparseSegmenter]:
+               use_mirroring: bool = False, primus: bool = True) -> Tuple["nnScdPredictor", TokenSparseNetwork]:
     """nnU-Net's predictor for the trained model (nnscd's, with atomic exports) and its token-sparse network."""
     from nnscd.predictor import nnScdPredictor
 
@@ -87,7 +94,7 @@ def load_model(model_folder: str, folds: Sequence[str], checkpoint: str, device:
     predictor = nnScdPredictor(use_mirroring=use_mirroring, device=torch.device(device),
                                perform_everything_on_device=device == "cuda", allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
-    return predictor, require_token_sparse(predictor.network, predictor.trainer_name, tool)
+    return predictor, require_token_sparse(predictor.network, predictor.trainer_name, tool, primus)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ def central_tile(predictor, data: np.ndarray) -> Tuple[np.ndarray, tuple]:
 
 
 @torch.inference_mode()
-def run_tile(predictor, network: TokenSparseSegmenter, tile: np.ndarray) -> Tuple[List[np.ndarray], np.ndarray]:
+def run_tile(predictor, network: TokenSparseNetwork, tile: np.ndarray) -> Tuple[List[np.ndarray], np.ndarray]:
     """Kept token positions per stage and the predicted segmentation of one tile (C, *patch), as at inference."""
     x = torch.from_numpy(np.ascontiguousarray(tile))[None].float().to(predictor.device)
     cuda = predictor.device.type == "cuda"
@@ -120,7 +127,7 @@ def run_tile(predictor, network: TokenSparseSegmenter, tile: np.ndarray) -> Tupl
     return [k[0].cpu().numpy() for k in network.last_keep_indices], np.asarray(segmentation)
 
 
-def stage_report(network: TokenSparseSegmenter, keep_positions: Sequence[np.ndarray]) -> List[dict]:
+def stage_report(network: TokenSparseNetwork, keep_positions: Sequence[np.ndarray]) -> List[dict]:
     """Per pruning stage: where it sits, how many tokens were live before it, which were kept (highest score
     first)."""
     live = [int(np.prod(network.grid))] + [len(p) for p in keep_positions[:-1]]

@@ -53,8 +53,12 @@ class TokenSparsePrimusTrainer(KeepStatistics, nnScdPrimusTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.network_config().sparse:
+        if self.prunes():
             self.track_keep_statistics()
+
+    @classmethod
+    def prunes(cls) -> bool:
+        return cls.network_config().sparse
 
     @classmethod
     def network_config(cls) -> SparsePrimusConfig:

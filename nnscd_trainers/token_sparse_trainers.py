@@ -36,15 +36,19 @@ class TokenSparseTrainer(KeepStatistics, nnScdTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        plan = self.use_token_plan(configuration)
+        self.use_token_plan(configuration)
         self.enable_deep_supervision = False
-        if self.network_config(plan.token_size).sparse:
+        if self.prunes():
             self.track_keep_statistics()
 
     @classmethod
     def token_plan(cls, configuration: dict) -> TokenPlan:
         """The rule nnScd_plan_and_preprocess writes into nnScdPlans (token size from the spacing)."""
         return token_plan_for(configuration)
+
+    @classmethod
+    def prunes(cls) -> bool:
+        return cls.network_config((8, 8, 8)).sparse
 
     @classmethod
     def network_config(cls, token_size: List[int]):

@@ -111,3 +111,27 @@ def test_configuration_errors_name_the_fix():
         TokenSparsePrimus(1, 2, PATCH, SparsePrimusConfig(prune_after=(3, 12)))
     with pytest.raises(ValueError, match="head width"):
         SparsePrimusConfig(mta_dim=192, mta_heads=3)
+
+
+def test_sparse_primus_trainers_are_nnunets_primus_trainers_with_another_network():
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus, nnUNet_PrimusV3S_Trainer
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    import nnscd_trainers
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer
+
+    assert issubclass(STPMTAPrimusV3STrainer, nnUNet_PrimusV3S_Trainer)
+    assert STPMTAPrimusV3STrainer.configure_optimizers is AbstractPrimus.configure_optimizers  # the recipe, inherited
+    assert STPMTAPrimusV3STrainer.train_step is AbstractPrimus.train_step
+    assert nnscd_trainers.PrimusV3STrainer_budget.build_network_architecture is \
+        nnUNet_PrimusV3S_Trainer.build_network_architecture  # the dense twin builds nnunetv2's network, unchanged
+    configuration = {"patch_size": [36, 52, 40], "spacing": [1.0, 1.0, 1.0], "batch_size": 7,
+                     "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []}}
+    plan = STPMTAPrimusV3STrainer.token_plan(configuration)
+    assert (plan.patch_size, plan.token_size, plan.batch_size) == ([40, 56, 40], [8, 8, 8], 7)  # rounded up
+    with torch.device("meta"):
+        net = STPMTAPrimusV3STrainer.build_network_architecture(
+            None, ConfigurationManager({**configuration, "patch_size": plan.patch_size}), 1, 3, False)
+    assert isinstance(net, TokenSparsePrimus) and net.config.size == "S" and net.grid == (5, 7, 5)
+    assert nnscd_trainers.STPMTAPrimusV3STrainer_keep50.network_config().keep_ratios == (0.5, 0.5)
+    assert not nnscd_trainers.STPMTAPrimusV3STrainer_noMTA.network_config().mta

@@ -90,6 +90,17 @@ class SparsePrimusConfig:
         return bool(self.prune_after)
 
 
+def primus_config_of(network: nn.Module) -> Optional[SparsePrimusConfig]:
+    """The configuration of a TokenSparsePrimus, the no-pruning one of a dense PrimusV3X (found by its width),
+    None for anything else: what the FLOP model needs."""
+    if isinstance(network, TokenSparsePrimus):
+        return network.config
+    if isinstance(network, PrimusV3X):
+        size = next(s for s, c in _PRIMUS_CONFIGS.items() if c["embed_dim"] == network.embed_dim)
+        return SparsePrimusConfig(size=size, prune_after=(), keep_ratios=())
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. RoPE rows of live tokens
 # ---------------------------------------------------------------------------------------------------------------

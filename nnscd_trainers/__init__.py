@@ -12,7 +12,10 @@ from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
     STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
     STPMTATrainer_gumbel, STPMTATrainer_keep25, STPMTATrainer_keep75, STPMTATrainer_paper, UNETRTrainer,
-    UNETRTrainer_cpu, UNETRTrainer_paper, ViTLightTrainer, ViTLightTrainer_cpu, ViTLightTrainer_paper)
+    UNETRTrainer_cpu, UNETRTrainer_paper, ViTLightTrainer, ViTLightTrainer_cpu, ViTLightTrainer_paper,
+    ViTLightTrainer_heinit, STPMTALightTrainer_heinit, ViTLightTrainer_convstem, STPMTALightTrainer_convstem,
+    ViTLightTrainer_heinit_budget, STPMTALightTrainer_heinit_budget, ViTLightTrainer_convstem_budget,
+    STPMTALightTrainer_convstem_budget)
 
 __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
@@ -25,4 +28,7 @@ __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "STPMTAPrimusV3STrainer", "STPMTAPrimusV3BTrainer", "STPMTAPrimusV3MTrainer", "STPMTAPrimusV3LTrainer",
            "STPMTAPrimusV3STrainer_keep50", "STPMTAPrimusV3STrainer_noMTA", "STPMTAPrimusV3STrainer_cpu",
            "STPMTAPrimusV3STrainer_budget", "STPMTAPrimusV3STrainer_keep50_budget", "STPMTAPrimusV3BTrainer_budget",
-           "PrimusV3STrainer_cpu", "PrimusV3STrainer_budget", "PrimusV3BTrainer_budget"]
+           "PrimusV3STrainer_cpu", "PrimusV3STrainer_budget", "PrimusV3BTrainer_budget",
+           "ViTLightTrainer_heinit", "STPMTALightTrainer_heinit", "ViTLightTrainer_convstem",
+           "STPMTALightTrainer_convstem", "ViTLightTrainer_heinit_budget", "STPMTALightTrainer_heinit_budget",
+           "ViTLightTrainer_convstem_budget", "STPMTALightTrainer_convstem_budget"]

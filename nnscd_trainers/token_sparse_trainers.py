@@ -129,6 +129,24 @@ class STPMTATrainer_gumbel(STPMTATrainer):
     config_changes = {"estimator": "gumbel"}
 
 
+class ViTLightTrainer_heinit(ViTLightTrainer):
+    """Primus' decoder init (He normal, a = 1e-2): the light decoder's default init leaves it predicting background."""
+    config_changes = {"decoder_init": "he"}
+
+
+class STPMTALightTrainer_heinit(STPMTALightTrainer):
+    config_changes = {"decoder_init": "he"}
+
+
+class ViTLightTrainer_convstem(ViTLightTrainer):
+    """PrimusV3's residual conv stem (narrower: 16-32-64-128 channels) instead of the one-conv patch embedding."""
+    config_changes = {"stem": "conv"}
+
+
+class STPMTALightTrainer_convstem(STPMTALightTrainer):
+    config_changes = {"stem": "conv"}
+
+
 class STPMTATrainer_cpu(STPMTATrainer):
     schedule = CPU_SCHEDULE
 
@@ -163,4 +181,20 @@ class STPMTALightTrainer_budget(STPMTALightTrainer):
 
 
 class ViTLightTrainer_budget(ViTLightTrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class ViTLightTrainer_heinit_budget(ViTLightTrainer_heinit):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTALightTrainer_heinit_budget(STPMTALightTrainer_heinit):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class ViTLightTrainer_convstem_budget(ViTLightTrainer_convstem):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTALightTrainer_convstem_budget(STPMTALightTrainer_convstem):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

@@ -223,3 +223,23 @@ def test_registry_names_builders_and_paper_setting():
     assert FLOP_MODELS["stpmta-light-paper"](1, 14, (96, 96, 96)) < 0.4 * FLOP_MODELS["vit-light-paper"](1, 14, (96, 96, 96))
     with pytest.raises(KeyError, match="known"):
         build_network("nope", 1, 2, (16, 16, 16))
+
+
+def test_conv_stem_and_he_decoder_init_variants():
+    """The recipe elements borrowed from Primus: its residual conv stem (FLOPs counted exactly) and its decoder
+    init (He normal, larger than torch's default), each a config field, with clear errors where they do not fit."""
+    patch = (16, 16, 16)
+    config = replace(TINY, token_size=8, prune_after=(2,), keep_ratios=(0.5,), decoder="light", stem="conv",
+                     decoder_init="he")
+    net = TokenSparseSegmenter(1, 3, patch, config)
+    assert type(net.patch_embed).__name__ == "PatchEmbedDeeperControlled"
+    x = torch.randn(2, 1, *patch)
+    assert measured_flops(net, x) == token_sparse_forward_flops(config, 1, 3, patch, batch_size=2)
+    torch_init = TokenSparseSegmenter(1, 3, patch, replace(config, decoder_init="torch"))
+    last = [m for m in net.decoder.modules() if isinstance(m, torch.nn.ConvTranspose3d)][0]
+    last_torch = [m for m in torch_init.decoder.modules() if isinstance(m, torch.nn.ConvTranspose3d)][0]
+    assert last.weight.std() > 2 * last_torch.weight.std() and not last.bias.any()
+    with pytest.raises(ValueError, match="conv stem strides 8.*stem='linear'"):
+        TokenSparseSegmenter(1, 3, patch, replace(config, token_size=4))
+    with pytest.raises(ValueError, match="stem must be one of"):
+        replace(config, stem="deep")

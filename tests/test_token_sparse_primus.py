@@ -135,3 +135,40 @@ def test_sparse_primus_trainers_are_nnunets_primus_trainers_with_another_network
     assert isinstance(net, TokenSparsePrimus) and net.config.size == "S" and net.grid == (5, 7, 5)
     assert nnscd_trainers.STPMTAPrimusV3STrainer_keep50.network_config().keep_ratios == (0.5, 0.5)
     assert not nnscd_trainers.STPMTAPrimusV3STrainer_noMTA.network_config().mta
+
+
+def test_sparse_primus_end_to_end_warm_start_train_predict_token_maps(nnunet_env, planned_dataset, tmp_path):
+    """Through the console scripts, as a user: a dense Primus checkpoint warm-starts STPMTAPrimusV3STrainer_cpu
+    (only scorers and MTA fresh), training logs keep statistics, nnScd_predict and nnScd_token_maps use the model."""
+    import json
+    import re
+    from pathlib import Path
+
+    from conftest import CONFIG, DATASET, DATASET_ID, dice_per_class, run_command
+
+    trainer = "STPMTAPrimusV3STrainer_cpu"
+    preprocessed = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET
+    patch = json.loads((preprocessed / "nnUNetPlans.json").read_text())["configurations"][CONFIG]["patch_size"]
+    dense_checkpoint = tmp_path / "dense_primus.pth"  # what a dense nnUNet_PrimusV3S_Trainer fold saves
+    torch.save({"network_weights": PrimusV3S(1, 3, (8, 8, 8), patch).state_dict()}, dense_checkpoint)
+    train = run_command(["nnScd_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu",
+                         "-pretrained_weights", str(dense_checkpoint)], nnunet_env)
+    assert "starting fresh: mta, stages" in train.stdout
+    model = Path(nnunet_env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}"
+    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+    stats = re.findall(r"Foreground tokens kept per pruning stage: (\[[^\]]*\])", log)
+    assert len(stats) == 5 and all(len(json.loads(s)) == 2 for s in stats)
+    assert (model / "fold_0" / "token_keep_progress.png").is_file()
+    assert json.loads((model / "plans.json").read_text())["configurations"][CONFIG]["token_size"] == [8, 8, 8]
+
+    out = tmp_path / "pred"
+    run_command(["nnScd_predict", "-i", str(planned_dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                 "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
+                 "--disable_tta"], nnunet_env)
+    assert set(dice_per_class(out, planned_dataset / "labelsTs", [1, 2])) == {1, 2}  # every case written
+
+    maps = tmp_path / "maps"
+    run_command(["nnScd_token_maps", "-m", str(model), "-f", "0", "-i", str(planned_dataset / "imagesTs"),
+                 "-o", str(maps), "-device", "cpu", "--slices", "2"], nnunet_env)
+    report = json.loads(next(maps.glob("*_tokens.json")).read_text())
+    assert [(s["after_block"], s["kept"]) for s in report["stages"]] == [(3, 16), (6, 4)]  # 64 -> 16 -> 4 tokens

@@ -6,7 +6,7 @@ activations, top-K, gathers or scatters), so measured and modelled agree exactly
 then the best-case speed-up: what pruning saves if nothing else costs time.
 """
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from nnscd.networks.plain_unet import nnunet_unet_plan
 from nnscd.networks.soft_topk import num_kept
@@ -76,7 +76,12 @@ def token_sparse_flop_breakdown(config: TokenSparseConfig, in_channels: int, num
     strides = upsampling_strides(tokens)
     L = math.prod(grid)
     parts = dict.fromkeys(("encoder", "scorers", "skip_assemblies", "mta", "decoder"), 0)
-    parts["encoder"] = conv_flops(B * L, tokens, in_channels, D)
+    if config.stem == "linear":
+        parts["encoder"] = conv_flops(B * L, tokens, in_channels, D)
+    else:
+        from nnscd.networks.token_sparse_vit import patch_embedding
+        parts["encoder"] = counted_flops(lambda: patch_embedding(in_channels, config, tokens),
+                                         (B, in_channels, *patch_size))[0]
     live, hidden = L, config.scorer_hidden or D // 4
     for number in range(1, config.depth + 1):
         parts["encoder"] += block_flops(B, live, D, config.mlp_ratio)
@@ -135,30 +140,36 @@ def eva_block_flops(batch: int, tokens: int, dim: int, mlp_ratio: float = 4 * 2 
             + linear_flops(n, hidden, dim) + 4 * batch * tokens * tokens * dim)
 
 
-def primus_conv_flops(size: str, in_channels: int, num_classes: int, patch_size: Sequence[int],
-                      batch_size: int = 1) -> dict[str, int]:
-    """FLOPs of PrimusV3's convolutional stem and patch decoder, counted by FlopCounterMode on the two modules
-    built on the meta device (no memory, no compute): they see every token whatever the keep ratio."""
+def counted_flops(build: Callable[[], "torch.nn.Module"], input_shape: Sequence[int]) -> tuple[int, tuple]:
+    """FlopCounterMode's count of a module's forward, built and run on the meta device (no memory, no compute), and
+    the output shape: for convolutional parts (stems, Primus' decoder) that would take many lines to model."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        module = build()
+        with FlopCounterMode(display=False) as counter:
+            y = module(torch.empty(*input_shape))
+    return counter.get_total_flops(), tuple(y.shape)
+
+
+def primus_conv_flops(size: str, in_channels: int, num_classes: int, patch_size: Sequence[int],
+                      batch_size: int = 1) -> dict[str, int]:
+    """FLOPs of PrimusV3's convolutional stem and patch decoder, which see every token whatever the keep ratio."""
+    import torch
+    from dynamic_network_architectures.building_blocks.patch_encode_decode import (LayerNormNd, PatchDecode,
+                                                                                   PatchEmbedDeeperControlled)
+
     from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, primus_width
 
-    def count(module: "torch.nn.Module", x: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
-        with FlopCounterMode(display=False) as counter:
-            y = module(x)
-        return counter.get_total_flops(), y
-
-    with torch.device("meta"):
-        from dynamic_network_architectures.building_blocks.patch_encode_decode import (
-            LayerNormNd, PatchDecode, PatchEmbedDeeperControlled)
-        stem = PatchEmbedDeeperControlled(input_channels=in_channels, embed_dim=primus_width(size),
-                                          depth_per_level=(1, 1, 1), ch_per_level=(32, 64, 256, 1024),
-                                          add_skips=True, nonlin=torch.nn.LeakyReLU)
-        decoder = PatchDecode(PRIMUS_TOKEN, primus_width(size), num_classes, norm=LayerNormNd,
-                              activation=torch.nn.GELU)
-        stem_flops, tokens = count(stem, torch.empty(batch_size, in_channels, *patch_size))
-        decoder_flops, _ = count(decoder, tokens)
+    stem_flops, tokens = counted_flops(
+        lambda: PatchEmbedDeeperControlled(input_channels=in_channels, embed_dim=primus_width(size),
+                                           depth_per_level=(1, 1, 1), ch_per_level=(32, 64, 256, 1024),
+                                           add_skips=True, nonlin=torch.nn.LeakyReLU),
+        (batch_size, in_channels, *patch_size))
+    decoder_flops, _ = counted_flops(
+        lambda: PatchDecode(PRIMUS_TOKEN, primus_width(size), num_classes, norm=LayerNormNd, activation=torch.nn.GELU),
+        tokens)
     return {"stem": stem_flops, "decoder": decoder_flops}
 
 

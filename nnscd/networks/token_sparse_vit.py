@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from nnscd.networks.soft_topk import ESTIMATORS, num_kept, soft_topk, standardise
 
 DECODERS = ("unetr", "light")
+STEMS = ("linear", "conv")
+DECODER_INITS = ("torch", "he")
+CONV_STEM_CHANNELS = (16, 32, 64, 128)  # PrimusV3's stem shape (3 stride-2 residual levels), narrower
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,6 +56,8 @@ class TokenSparseConfig:
     mta_heads: int = 3
     decoder: str = "unetr"  # or "light"
     decoder_features: int = 16  # UNETR: channels at full resolution, doubling per level
+    stem: str = "linear"  # one conv, kernel = stride = token; "conv": PrimusV3's residual conv stem (3D, token 8)
+    decoder_init: str = "torch"  # "he": Primus' init of its decoder (He normal, a = 1e-2, zero biases)
 
     def __post_init__(self):
         if self.dim % self.heads or self.mta_dim % self.mta_heads:
@@ -68,6 +73,8 @@ class TokenSparseConfig:
             raise ValueError(f"keep ratios must lie in (0, 1], got {self.keep_ratios}")
         if self.estimator not in ESTIMATORS or self.decoder not in DECODERS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} and decoder one of {DECODERS}")
+        if self.stem not in STEMS or self.decoder_init not in DECODER_INITS:
+            raise ValueError(f"stem must be one of {STEMS} and decoder_init one of {DECODER_INITS}")
 
     @property
     def sparse(self) -> bool:
@@ -117,6 +124,23 @@ def light_decoder_channels(dim: int, num_classes: int, levels: int) -> list[int]
     channels = [dim] + [max(8, round(dim / shrink ** (i + 1) / 8) * 8) for i in range(levels)]
     channels[-1] = num_classes
     return channels
+
+
+def patch_embedding(in_channels: int, config: TokenSparseConfig, token_size: Sequence[int]) -> nn.Module:
+    """(B, C, *patch) -> (B, D, *grid). "linear": one conv with kernel = stride = token (ViT). "conv": the residual
+    conv stem of nnU-Net's PrimusV3 (dynamic_network_architectures), narrower, with Primus' He init; it strides 8 on
+    each of 3 axes, so it needs 8^3 tokens."""
+    if config.stem == "linear":
+        return conv_ops(len(token_size))[0](in_channels, config.dim, token_size, token_size)
+    if tuple(token_size) != (8, 8, 8):
+        raise ValueError(f"the conv stem strides 8 along each of 3 axes; token size {tuple(token_size)} needs "
+                         f"stem='linear'")
+    from dynamic_network_architectures.building_blocks.patch_encode_decode import PatchEmbedDeeperControlled
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    stem = PatchEmbedDeeperControlled(in_channels, config.dim, (1, 1, 1), CONV_STEM_CHANNELS)
+    stem.apply(InitWeights_He(1e-2))
+    return stem
 
 
 def conv_ops(ndim: int):
@@ -418,8 +442,7 @@ class TokenSparseSegmenter(nn.Module):
         self.grid = token_grid(patch_size, self.token_size)
         strides = upsampling_strides(self.token_size)
         self.taps = tap_blocks(config.depth, len(strides) if config.decoder == "unetr" else 1)
-        Conv, _, _ = conv_ops(len(patch_size))
-        self.patch_embed = Conv(in_channels, config.dim, self.token_size, self.token_size)
+        self.patch_embed = patch_embedding(in_channels, config, self.token_size)
         self.pos = SinCosPositions(config.dim, self.grid)
         self.encoder = TokenSparseEncoder(config, self.taps)
 
@@ -437,6 +460,9 @@ class TokenSparseSegmenter(nn.Module):
         else:
             self.decoder = LightDecoder(config.dim, num_classes, strides)
         self.apply(init_transformer_weights)
+        if config.decoder_init == "he":  # larger than torch's default: the light decoder escapes "all background"
+            from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+            self.decoder.apply(InitWeights_He(1e-2))
         self.last_keep_indices: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, *patch) -> (B, num_classes, *patch)

@@ -456,8 +456,18 @@ def _network_problems(trainer_class: type, plans: dict, configuration: str, data
                 manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
     except (ValueError, AssertionError) as e:  # dynamic_network_architectures asserts (Primus: patch % 8)
         return [f"-tr {trainer_class.__name__} cannot take configuration {configuration} of plans "
-                f"{manager.plans_name}: {e or f'the network refuses patch {resolved.patch_size}'}"]
+                f"{manager.plans_name}: {str(e) or _refused_patch(trainer_class, resolved.patch_size)}"]
     return []
+
+
+def _refused_patch(trainer_class: type, patch_size: Sequence[int]) -> str:
+    """What to say when a network asserts on a patch without a message (dynamic_network_architectures does)."""
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus
+
+    if issubclass(trainer_class, AbstractPrimus):
+        return (f"Primus needs a patch divisible by its 8^3 token on every axis, got {list(patch_size)}; "
+                f"nnscd's PrimusV3STrainer_* / STPMTAPrimusV3*Trainer round the patch up, or plan another patch")
+    return f"the network refuses patch {list(patch_size)}"
 
 
 def check_training_setup(dataset: str, configuration: str, fold: str, trainer_class: type, plans_name: str,

@@ -172,3 +172,23 @@ def test_sparse_primus_end_to_end_warm_start_train_predict_token_maps(nnunet_env
                  "-o", str(maps), "-device", "cpu", "--slices", "2"], nnunet_env)
     report = json.loads(next(maps.glob("*_tokens.json")).read_text())
     assert [(s["after_block"], s["kept"]) for s in report["stages"]] == [(3, 16), (6, 4)]  # 64 -> 16 -> 4 tokens
+
+
+def test_a_patch_primus_cannot_take_is_refused_before_training_and_the_sparse_trainer_rounds_it(
+        nnunet_env, planned_dataset):
+    import json
+    from pathlib import Path
+
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_PrimusV3S_Trainer
+
+    from conftest import CONFIG, DATASET
+    from nnscd.input_checks import _network_problems
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer
+
+    preprocessed = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["configurations"][CONFIG]["patch_size"] = [36, 32, 32]
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    problems = _network_problems(nnUNet_PrimusV3S_Trainer, plans, CONFIG, dataset_json)
+    assert len(problems) == 1 and "nnUNet_PrimusV3S_Trainer cannot take" in problems[0] and "[36, 32, 32]" in problems[0]
+    assert _network_problems(STPMTAPrimusV3STrainer, plans, CONFIG, dataset_json) == []  # 36 -> 40

@@ -192,3 +192,16 @@ def test_a_patch_primus_cannot_take_is_refused_before_training_and_the_sparse_tr
     problems = _network_problems(nnUNet_PrimusV3S_Trainer, plans, CONFIG, dataset_json)
     assert len(problems) == 1 and "nnUNet_PrimusV3S_Trainer cannot take" in problems[0] and "[36, 32, 32]" in problems[0]
     assert _network_problems(STPMTAPrimusV3STrainer, plans, CONFIG, dataset_json) == []  # 36 -> 40
+
+
+def test_every_token_carries_the_product_of_its_stp_decisions_in_training(image, monkeypatch):
+    """Kept and pruned tokens are weighted by their soft indicators after eva.norm; a kept token's weight is the
+    product over the stages it passed (with an indicator of 0.5 everywhere: pruned at 1 -> 0.5, at 2 -> 0.25,
+    survivors 0.25). Without the kept side, the scorers learned to prune the foreground (documentation)."""
+    import nnscd.networks.token_sparse_vit as vit
+
+    monkeypatch.setattr(vit, "soft_topk", lambda scores, k, *args: torch.full_like(scores, 0.5))
+    net = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(keep_ratios=(0.5, 0.5))).train()
+    sources, _ = net.encode(torch.randn(2, 64, 396))
+    assert [torch.unique(s.weights).tolist() for s in sources] == [[0.5], [0.25], [0.25]]
+    assert [s.features.shape[1] for s in sources] == [32, 16, 16]

@@ -30,7 +30,7 @@ from timm.models.eva import EvaBlock
 from torch import Tensor, nn
 
 from nnscd.networks.soft_topk import ESTIMATORS
-from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet, gather_tokens
 
 PRIMUS_SIZES = ("S", "B", "M", "L")
 PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
@@ -183,19 +183,31 @@ class TokenSparsePrimus(PrimusV3X):
 
     def encode(self, tokens: Tensor) -> tuple[list[TokenSet], list[Tensor]]:
         """(B, L, D) embedded tokens -> the token sets that make up the grid after the last block (tokens pruned
-        at each stage with that stage's features, then the survivors) and the kept positions of each stage."""
+        at each stage with that stage's features, then the survivors) and the kept positions of each stage.
+
+        In training each set's `weights` is the product of the soft indicators of every STP decision about its
+        tokens (kept: indicator, pruned: 1 - indicator). `forward` applies them after eva.norm, so that keeping a
+        token is rewarded as directly as pruning it: scaling a kept token before more blocks alone is mostly undone
+        by the final norm, and the scorers then learned to prune the tokens the loss cares about."""
         x, rope, _ = self.eva._pos_embed(tokens)  # abs. positions added; rope (L, R) for the whole grid
         B, L, _ = x.shape
         live = TokenSet(x, torch.arange(L, device=x.device).expand(B, L))
         live_rows: Optional[Tensor] = rope  # (L, R) while every token is live, then (B, 1, K, R)
+        path = x.new_ones(B, L, 1)  # each grid position's product of indicators so far (training)
         pruned, kept_positions = [], []
         for number, block in enumerate(self.eva.blocks, start=1):
             live = live._replace(features=block(live.features, rope=live_rows))
             if number in self.config.prune_after:
                 live, dropped = self.stages[self.config.prune_after.index(number)](live)
+                if live.weights is not None:
+                    dropped = dropped._replace(weights=gather_tokens(path, dropped.positions) * dropped.weights)
+                    path = path.scatter(1, live.positions.unsqueeze(-1),
+                                        gather_tokens(path, live.positions) * live.weights)
                 pruned.append(dropped)
                 kept_positions.append(live.positions)
                 live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
+        if live.weights is not None:
+            live = live._replace(weights=gather_tokens(path, live.positions))
         return [*pruned, live], kept_positions
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, *patch) -> (B, num_classes, *patch)
@@ -204,8 +216,7 @@ class TokenSparsePrimus(PrimusV3X):
         sources, kept_positions = self.encode(tokens.flatten(2).transpose(1, 2))
         self.last_keep_indices = [p.detach() for p in kept_positions]
         L = math.prod(grid)
-        # eva.norm per token, then the soft indicator (after the norm, which would cancel it), so both the kept
-        # and the pruned set pass gradient to the scorers
+        # eva.norm per token, then the soft indicators (after the norm, which would cancel them)
         normed = [s._replace(features=self.eva.norm(s.features) * (1 if s.weights is None else s.weights))
                   for s in sources]
         sequence = scatter_tokens(normed, L)  # (B, L, D)

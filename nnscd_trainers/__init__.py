@@ -2,7 +2,7 @@
 from nnscd_trainers.nnscd_trainer import nnScdTrainer, nnScdTrainer_budget, nnScdTrainer_cpu
 from nnscd_trainers.apformer_trainers import (APFormerNoPruneTrainer, APFormerNoPruneTrainer_budget,
                                                 APFormerNoPruneTrainer_cpu, APFormerTrainer, APFormerTrainer_budget,
-                                                APFormerTrainer_cpu)
+                                                APFormerTrainer_cpu, APFormerTrainer_steps100)
 from nnscd_trainers.primus_trainers import (
     PrimusV3BTrainer_budget, PrimusV3STrainer_budget, PrimusV3STrainer_cpu, STPMTAPrimusV3BTrainer,
     STPMTAPrimusV3BTrainer_budget, STPMTAPrimusV3LTrainer, STPMTAPrimusV3MTrainer, STPMTAPrimusV3STrainer,
@@ -19,7 +19,7 @@ from nnscd_trainers.token_sparse_trainers import (
 
 __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
-           "APFormerTrainer_budget", "APFormerNoPruneTrainer_budget",
+           "APFormerTrainer_budget", "APFormerNoPruneTrainer_budget", "APFormerTrainer_steps100",
            "STPMTATrainer", "UNETRTrainer", "STPMTALightTrainer", "ViTLightTrainer",
            "STPMTATrainer_paper", "UNETRTrainer_paper", "STPMTALightTrainer_paper", "ViTLightTrainer_paper",
            "STPMTATrainer_keep75", "STPMTATrainer_keep25", "STPMTATrainer_gumbel",

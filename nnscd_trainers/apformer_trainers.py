@@ -4,7 +4,8 @@
   foreground head of query pruning); AdamW with a warm-up, then poly decay, computed from the epoch; the
   pruning rates of every validation pass logged, printed and drawn in `pruning_progress.png`.
 - `APFormerNoPruneTrainer`: the ablation baseline, only the network builder differs (no QP, no DP).
-- `*_cpu`, `*_budget`: the same on nnscd's short CPU schedule and on the CPU Hippocampus comparison's budget.
+- `*_cpu`, `*_budget`, `*_steps100`: the same on nnscd's short CPU schedule, on the quality protocol's budget and on
+  100 steps of batch 2 (cheap 2D runs).
 
 The network returns one tensor, so deep supervision is off (loss and data loader alike) and nnU-Net's
 `train_step` runs unchanged: the auxiliary terms enter through the loss module, which receives the target.
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
     build_apformer_noprune
 from nnscd.progress_plots import plot_per_epoch
-from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer, unwrap
+from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, STEPS100_BATCH, STEPS100_SCHEDULE,
+                                          WarmupPolyLR, nnScdTrainer, unwrap)
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -214,3 +216,8 @@ class APFormerTrainer_budget(APFormerTrainer):
 class APFormerNoPruneTrainer_budget(APFormerNoPruneTrainer):
     """APFormerNoPruneTrainer on the budget of the CPU Hippocampus comparison."""
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class APFormerTrainer_steps100(APFormerTrainer):
+    """5 epochs x 20 iterations at batch 2: cheap 2D runs (the test suite's 2D check)."""
+    schedule, batch_size_override = STEPS100_SCHEDULE, STEPS100_BATCH

@@ -22,6 +22,8 @@ CPU_SCHEDULE = (5, 10, 5)
 # The quality protocol's budget (documentation/results/hippocampus.md): 10 epochs x 25 iterations at the plans' batch,
 # where nnU-Net's U-Net learns (at the earlier 100 steps of batch 2 it predicted background). None keeps the plans' batch.
 BUDGET_SCHEDULE, BUDGET_BATCH = (10, 25, 5), None
+# The earlier comparison budget (100 steps of batch 2): too short for 3D quality, cheap and enough for 2D checks.
+STEPS100_SCHEDULE, STEPS100_BATCH = (5, 20, 5), 2
 
 
 def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int,

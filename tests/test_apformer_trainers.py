@@ -147,9 +147,9 @@ def _write_2d_dataset(raw: Path, num_train: int = 8, num_test: int = 4, side: in
 
 
 def test_2d_trains_and_predicts(nnunet_env, tmp_path):
-    """On the budget schedule (5 x 20, batch 2): 2D steps are cheap, and the 50 steps of the CPU schedule once left
-    the disk at Dice 0.53 on the held-out cases (0.93 in other runs)."""
-    trainer, epochs = "APFormerTrainer_budget", 5
+    """On 100 steps of batch 2 (5 x 20): 2D steps are cheap, and the 50 steps of the CPU schedule once left the disk
+    at Dice 0.53 on the held-out cases (0.93 in other runs)."""
+    trainer, epochs = "APFormerTrainer_steps100", 5
     raw = _write_2d_dataset(Path(nnunet_env["nnUNet_raw"]))
     run_command(["nnScd_plan_and_preprocess", "-d", str(DATASET_2D_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
                 nnunet_env)

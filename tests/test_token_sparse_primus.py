@@ -194,14 +194,15 @@ def test_a_patch_primus_cannot_take_is_refused_before_training_and_the_sparse_tr
     assert _network_problems(STPMTAPrimusV3STrainer, plans, CONFIG, dataset_json) == []  # 36 -> 40
 
 
-def test_every_token_carries_the_product_of_its_stp_decisions_in_training(image, monkeypatch):
-    """Kept and pruned tokens are weighted by their soft indicators after eva.norm; a kept token's weight is the
-    product over the stages it passed (with an indicator of 0.5 everywhere: pruned at 1 -> 0.5, at 2 -> 0.25,
-    survivors 0.25). Without the kept side, the scorers learned to prune the foreground (documentation)."""
+@pytest.mark.parametrize("cumulative, expected", [(True, [[0.5], [0.25], [0.25]]), (False, [[0.5], [0.5], [0.5]])])
+def test_token_weights_in_training_follow_the_stp_decisions(image, monkeypatch, cumulative, expected):
+    """Token sets are weighted by soft indicators after eva.norm. Cumulative: the product over every decision about
+    a token (indicator 0.5 everywhere: pruned at 1 -> 0.5, pruned at 2 -> 0.5 x 0.5, survivors 0.5 x 0.5); else only
+    the last decision's."""
     import nnscd.networks.token_sparse_vit as vit
 
     monkeypatch.setattr(vit, "soft_topk", lambda scores, k, *args: torch.full_like(scores, 0.5))
-    net = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(keep_ratios=(0.5, 0.5))).train()
-    sources, _ = net.encode(torch.randn(2, 64, 396))
-    assert [torch.unique(s.weights).tolist() for s in sources] == [[0.5], [0.25], [0.25]]
+    config = SparsePrimusConfig(keep_ratios=(0.5, 0.5), cumulative_weights=cumulative)
+    sources, _ = TokenSparsePrimus(1, 3, PATCH, config).train().encode(torch.randn(2, 64, 396))
+    assert [torch.unique(s.weights).tolist() for s in sources] == expected
     assert [s.features.shape[1] for s in sources] == [32, 16, 16]

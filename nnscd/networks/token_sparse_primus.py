@@ -63,6 +63,7 @@ class SparsePrimusConfig:
     estimator: str = "perturbed"
     scorer_hidden: int = 96
     mta: bool = True
+    cumulative_weights: bool = True  # kept tokens weighted by the product of all their indicators (see encode)
     mta_dim: int = 192
     mta_depth: int = 1
     mta_heads: int = 4  # head 48 -> RoPE over 32 channels (Eva's rule: head / 1.5, divisible by 4)
@@ -186,9 +187,10 @@ class TokenSparsePrimus(PrimusV3X):
         at each stage with that stage's features, then the survivors) and the kept positions of each stage.
 
         In training each set's `weights` is the product of the soft indicators of every STP decision about its
-        tokens (kept: indicator, pruned: 1 - indicator). `forward` applies them after eva.norm, so that keeping a
-        token is rewarded as directly as pruning it: scaling a kept token before more blocks alone is mostly undone
-        by the final norm, and the scorers then learned to prune the tokens the loss cares about."""
+        tokens (kept: indicator, pruned: 1 - indicator); `forward` applies them after eva.norm. With
+        `cumulative_weights=False` a set carries only the indicator of the stage that last decided about it, so a
+        stage-1 decision to keep a token is rewarded only through the scale of its features before more blocks,
+        which the final norm mostly undoes."""
         x, rope, _ = self.eva._pos_embed(tokens)  # abs. positions added; rope (L, R) for the whole grid
         B, L, _ = x.shape
         live = TokenSet(x, torch.arange(L, device=x.device).expand(B, L))
@@ -199,14 +201,14 @@ class TokenSparsePrimus(PrimusV3X):
             live = live._replace(features=block(live.features, rope=live_rows))
             if number in self.config.prune_after:
                 live, dropped = self.stages[self.config.prune_after.index(number)](live)
-                if live.weights is not None:
+                if live.weights is not None and self.config.cumulative_weights:
                     dropped = dropped._replace(weights=gather_tokens(path, dropped.positions) * dropped.weights)
                     path = path.scatter(1, live.positions.unsqueeze(-1),
                                         gather_tokens(path, live.positions) * live.weights)
                 pruned.append(dropped)
                 kept_positions.append(live.positions)
                 live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
-        if live.weights is not None:
+        if live.weights is not None and self.config.cumulative_weights:
             live = live._replace(weights=gather_tokens(path, live.positions))
         return [*pruned, live], kept_positions
 

@@ -7,7 +7,8 @@ from nnscd_trainers.primus_trainers import (
     PrimusV3BTrainer_budget, PrimusV3STrainer_budget, PrimusV3STrainer_cpu, STPMTAPrimusV3BTrainer,
     STPMTAPrimusV3BTrainer_budget, STPMTAPrimusV3LTrainer, STPMTAPrimusV3MTrainer, STPMTAPrimusV3STrainer,
     STPMTAPrimusV3STrainer_budget, STPMTAPrimusV3STrainer_cpu, STPMTAPrimusV3STrainer_keep50,
-    STPMTAPrimusV3STrainer_keep50_budget, STPMTAPrimusV3STrainer_noMTA)
+    STPMTAPrimusV3STrainer_keep50_budget, STPMTAPrimusV3STrainer_noMTA, STPMTAPrimusV3STrainer_cumulative,
+    STPMTAPrimusV3STrainer_cumulative_budget)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
     STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
@@ -29,6 +30,7 @@ __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "STPMTAPrimusV3STrainer_keep50", "STPMTAPrimusV3STrainer_noMTA", "STPMTAPrimusV3STrainer_cpu",
            "STPMTAPrimusV3STrainer_budget", "STPMTAPrimusV3STrainer_keep50_budget", "STPMTAPrimusV3BTrainer_budget",
            "PrimusV3STrainer_cpu", "PrimusV3STrainer_budget", "PrimusV3BTrainer_budget",
+           "STPMTAPrimusV3STrainer_cumulative", "STPMTAPrimusV3STrainer_cumulative_budget",
            "ViTLightTrainer_heinit", "STPMTALightTrainer_heinit", "ViTLightTrainer_convstem",
            "STPMTALightTrainer_convstem", "ViTLightTrainer_heinit_budget", "STPMTALightTrainer_heinit_budget",
            "ViTLightTrainer_convstem_budget", "STPMTALightTrainer_convstem_budget"]

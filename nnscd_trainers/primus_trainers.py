@@ -94,6 +94,11 @@ class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
     config_changes = {"keep_ratios": (0.5, 0.5)}
 
 
+class STPMTAPrimusV3STrainer_cumulative(STPMTAPrimusV3STrainer):
+    """Every token weighted by the product of all its soft indicators after eva.norm (not only the last decision)."""
+    config_changes = {"cumulative_weights": True}
+
+
 class STPMTAPrimusV3STrainer_noMTA(STPMTAPrimusV3STrainer):
     """Ablation: no completion attention; pruned positions are decoded from the features they were pruned with."""
     config_changes = {"mta": False}
@@ -105,6 +110,10 @@ class STPMTAPrimusV3STrainer_cpu(STPMTAPrimusV3STrainer):
 
 
 class STPMTAPrimusV3STrainer_budget(STPMTAPrimusV3STrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_cumulative_budget(STPMTAPrimusV3STrainer_cumulative):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

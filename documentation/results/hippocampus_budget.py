@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from nnscd.experiments.hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference
+from nnscd.paths import settle_environment
 
 DATASET = "Dataset004_Hippocampus"
 UNET = "nnScdTrainer_budget"
 TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusV3STrainer_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_keep50_budget": "PrimusV3STrainer_budget",
+    "STPMTAPrimusV3STrainer_cumulative_budget": "PrimusV3STrainer_budget",
     "STPMTATrainer_budget": "UNETRTrainer_budget",
     "STPMTALightTrainer_budget": "ViTLightTrainer_budget",
     "APFormerTrainer_budget": "APFormerNoPruneTrainer_budget",
@@ -69,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
     records = {m.name.split("__")[0]: record(m) for m in sorted(results.glob("*_budget__nnUNetPlans__3d_fullres"))
                if (m / "fold_0" / "validation" / "summary.json").is_file()}

@@ -63,7 +63,7 @@ class SparsePrimusConfig:
     estimator: str = "perturbed"
     scorer_hidden: int = 96
     mta: bool = True
-    cumulative_weights: bool = True  # kept tokens weighted by the product of all their indicators (see encode)
+    cumulative_weights: bool = False  # True: weight by the product of all a token's indicators (see encode)
     mta_dim: int = 192
     mta_depth: int = 1
     mta_heads: int = 4  # head 48 -> RoPE over 32 channels (Eva's rule: head / 1.5, divisible by 4)

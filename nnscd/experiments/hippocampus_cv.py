@@ -179,8 +179,9 @@ def schedule_text(trainers: List[str]) -> str:
 
     if not all(t.endswith("_budget") for t in trainers):
         return "the trainers' own schedule"
-    return (f"short CPU budget: {BUDGET_SCHEDULE[0]} epochs x {BUDGET_SCHEDULE[1]} iterations, batch {BUDGET_BATCH} "
-            f"(nnU-Net: 1000 x 250 at batch 2); a check of the protocol, not a converged model")
+    batch = "the plans' batch" if BUDGET_BATCH is None else f"batch {BUDGET_BATCH}"
+    return (f"short CPU budget: {BUDGET_SCHEDULE[0]} epochs x {BUDGET_SCHEDULE[1]} iterations at {batch} "
+            f"(nnU-Net: 1000 x 250); a check of the protocol, not a converged model")
 
 
 def summarise(results: Path, info: dict, record: dict, trainers: List[str], folds: List[int], schedule: str,

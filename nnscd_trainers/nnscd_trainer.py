@@ -111,6 +111,7 @@ class nnScdTrainer(nnUNetTrainer):
             torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
+        self.use_token_plan(configuration)
         self.save_every = 1
         if self.schedule is not None:
             self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.schedule
@@ -118,23 +119,22 @@ class nnScdTrainer(nnUNetTrainer):
     @classmethod
     def token_plan(cls, configuration: dict) -> Optional[TokenPlan]:
         """The patch, token size and batch this trainer trains a resolved configuration with; None: the plans' own.
-        Transformer trainers override it; their __init__ and nnScd_train's checks both call it."""
+        Transformer trainers override it; nnScdTrainer.__init__ (use_token_plan) and nnScd_train's checks call it."""
         return None
 
-    def use_token_plan(self, configuration: str) -> Optional[TokenPlan]:
+    def use_token_plan(self, configuration: str) -> None:
         """Train (and save with the model, for nnScd_predict) the configuration with `token_plan`'s patch, token
         size and batch; the patch only ever grows (nnU-Net pads), so nothing is cropped."""
         resolved = self.configuration_manager.configuration
         plan = self.token_plan(resolved)
         if plan is None:
-            return None
+            return
         if plan.patch_size != list(resolved["patch_size"]):
             self.print_to_log_file(f"Token planning: patch {list(resolved['patch_size'])} -> {plan.patch_size} "
                                    f"(multiple of token size {plan.token_size}), batch {plan.batch_size}")
         apply_token_plan(self.plans_manager.plans["configurations"][configuration], plan)
         self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
         self.configuration_manager = self.plans_manager.get_configuration(configuration)
-        return plan
 
     def _set_batch_size_and_oversample(self) -> None:
         if self.batch_size_override is not None:  # nnU-Net reads the batch from the configuration (DDP splits it)

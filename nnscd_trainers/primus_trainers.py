@@ -37,7 +37,6 @@ class nnScdPrimusTrainer(nnScdTrainer, AbstractPrimus):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.warmup_duration_whole_net = max(2, round(NNUNET_WARMUP_SHARE * self.num_epochs))
-        self.use_token_plan(configuration)
 
     @classmethod
     def token_plan(cls, configuration: dict) -> TokenPlan:

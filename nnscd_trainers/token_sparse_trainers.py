@@ -36,7 +36,6 @@ class TokenSparseTrainer(KeepStatistics, nnScdTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_token_plan(configuration)
         self.enable_deep_supervision = False
         if self.prunes():
             self.track_keep_statistics()

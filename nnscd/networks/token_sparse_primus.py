@@ -186,29 +186,27 @@ class TokenSparsePrimus(PrimusV3X):
         """(B, L, D) embedded tokens -> the token sets that make up the grid after the last block (tokens pruned
         at each stage with that stage's features, then the survivors) and the kept positions of each stage.
 
-        In training each set's `weights` is the product of the soft indicators of every STP decision about its
-        tokens (kept: indicator, pruned: 1 - indicator); `forward` applies them after eva.norm. With
-        `cumulative_weights=False` a set carries only the indicator of the stage that last decided about it, so a
-        stage-1 decision to keep a token is rewarded only through the scale of its features before more blocks,
-        which the final norm mostly undoes."""
+        In training each set's `weights` is the soft indicator of the stage that last decided about its tokens
+        (kept: indicator, pruned: 1 - indicator); `forward` applies them after eva.norm. With `cumulative_weights`
+        it is the product over every decision about them, so that a stage-1 keep is rewarded after the norm too."""
         x, rope, _ = self.eva._pos_embed(tokens)  # abs. positions added; rope (L, R) for the whole grid
         B, L, _ = x.shape
         live = TokenSet(x, torch.arange(L, device=x.device).expand(B, L))
         live_rows: Optional[Tensor] = rope  # (L, R) while every token is live, then (B, 1, K, R)
-        path = x.new_ones(B, L, 1)  # each grid position's product of indicators so far (training)
+        path = x.new_ones(B, L, 1) if self.training and self.config.cumulative_weights else None  # indicators so far
         pruned, kept_positions = [], []
         for number, block in enumerate(self.eva.blocks, start=1):
             live = live._replace(features=block(live.features, rope=live_rows))
             if number in self.config.prune_after:
                 live, dropped = self.stages[self.config.prune_after.index(number)](live)
-                if live.weights is not None and self.config.cumulative_weights:
+                if path is not None:
                     dropped = dropped._replace(weights=gather_tokens(path, dropped.positions) * dropped.weights)
                     path = path.scatter(1, live.positions.unsqueeze(-1),
                                         gather_tokens(path, live.positions) * live.weights)
                 pruned.append(dropped)
                 kept_positions.append(live.positions)
                 live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
-        if live.weights is not None and self.config.cumulative_weights:
+        if path is not None:
             live = live._replace(weights=gather_tokens(path, live.positions))
         return [*pruned, live], kept_positions
 

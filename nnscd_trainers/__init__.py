@@ -8,7 +8,9 @@ from nnscd_trainers.primus_trainers import (
     STPMTAPrimusV3BTrainer_budget, STPMTAPrimusV3LTrainer, STPMTAPrimusV3MTrainer, STPMTAPrimusV3STrainer,
     STPMTAPrimusV3STrainer_budget, STPMTAPrimusV3STrainer_cpu, STPMTAPrimusV3STrainer_keep50,
     STPMTAPrimusV3STrainer_keep50_budget, STPMTAPrimusV3STrainer_noMTA, STPMTAPrimusV3STrainer_cumulative,
-    STPMTAPrimusV3STrainer_cumulative_budget)
+    STPMTAPrimusV3STrainer_cumulative_budget, STPMTAPrimusV3STrainer_fgprior, STPMTAPrimusV3STrainer_fgprior_budget,
+    STPMTAPrimusLightTrainer, PrimusLightTrainer, STPMTAPrimusLightTrainer_budget, PrimusLightTrainer_budget,
+    STPMTAPrimusLightTrainer_cpu, PrimusLightTrainer_cpu)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
     STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
@@ -16,7 +18,9 @@ from nnscd_trainers.token_sparse_trainers import (
     UNETRTrainer_cpu, UNETRTrainer_paper, ViTLightTrainer, ViTLightTrainer_cpu, ViTLightTrainer_paper,
     ViTLightTrainer_heinit, STPMTALightTrainer_heinit, ViTLightTrainer_convstem, STPMTALightTrainer_convstem,
     ViTLightTrainer_heinit_budget, STPMTALightTrainer_heinit_budget, ViTLightTrainer_convstem_budget,
-    STPMTALightTrainer_convstem_budget)
+    STPMTALightTrainer_convstem_budget, STPMTATrainer_fgprior, STPMTATrainer_fgprior_budget,
+    ViTLightTrainer_layerscale, STPMTALightTrainer_layerscale, ViTLightTrainer_layerscale_budget,
+    STPMTALightTrainer_layerscale_budget)
 
 __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
@@ -33,4 +37,9 @@ __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "STPMTAPrimusV3STrainer_cumulative", "STPMTAPrimusV3STrainer_cumulative_budget",
            "ViTLightTrainer_heinit", "STPMTALightTrainer_heinit", "ViTLightTrainer_convstem",
            "STPMTALightTrainer_convstem", "ViTLightTrainer_heinit_budget", "STPMTALightTrainer_heinit_budget",
-           "ViTLightTrainer_convstem_budget", "STPMTALightTrainer_convstem_budget"]
+           "ViTLightTrainer_convstem_budget", "STPMTALightTrainer_convstem_budget",
+           "STPMTAPrimusV3STrainer_fgprior", "STPMTAPrimusV3STrainer_fgprior_budget", "STPMTATrainer_fgprior",
+           "STPMTATrainer_fgprior_budget", "ViTLightTrainer_layerscale", "STPMTALightTrainer_layerscale",
+           "ViTLightTrainer_layerscale_budget", "STPMTALightTrainer_layerscale_budget",
+           "STPMTAPrimusLightTrainer", "PrimusLightTrainer", "STPMTAPrimusLightTrainer_budget", "PrimusLightTrainer_budget",
+           "STPMTAPrimusLightTrainer_cpu", "PrimusLightTrainer_cpu"]

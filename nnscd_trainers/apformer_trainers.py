@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
     build_apformer_noprune
 from nnscd.progress_plots import plot_per_epoch
+from nnscd_trainers.foreground_prior import foreground_mask
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, STEPS100_BATCH, STEPS100_SCHEDULE,
                                           WarmupPolyLR, nnScdTrainer, unwrap)
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -52,19 +53,12 @@ class DiceCEWithAPFormerAux(nn.Module):
         self.network, self.label_manager = network, label_manager
         self.ssa_weight, self.fg_weight, self.sparsity_weight = ssa_weight, fg_weight, sparsity_weight
 
-    def foreground(self, target: Tensor) -> Tensor:
-        """What the foreground head learns: labels > 0 (the ignore label counts as foreground, so QP keeps
-        unlabelled positions), or any region (the ignore channel, nnU-Net's last, dropped)."""
-        if not self.label_manager.has_regions:
-            return target
-        return (target[:, :-1] if self.label_manager.has_ignore_label else target).any(1, keepdim=True)
-
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         loss = self.seg_loss(output, target)
         net = self.network()
         if not net.training:
             return loss
-        return loss + apformer_aux_loss(net, self.foreground(target), self.ssa_weight, self.fg_weight,
+        return loss + apformer_aux_loss(net, foreground_mask(target, self.label_manager), self.ssa_weight, self.fg_weight,
                                         self.sparsity_weight)
 
     def extra_repr(self) -> str:

@@ -16,14 +16,19 @@ from nnscd_trainers.nnscd_trainer import unwrap
 LOG_KEY = "kept_foreground"
 
 
+def foreground_tokens(foreground: torch.Tensor, token_size: List[int]) -> torch.Tensor:
+    """(B, 1, *patch) foreground mask -> (B, L) float, 1 where a token holds any foreground voxel (C order)."""
+    pool = F.max_pool3d if foreground.ndim == 5 else F.max_pool2d
+    return pool(foreground.float(), token_size, token_size).flatten(1)
+
+
 def kept_foreground_share(keep_indices: List[torch.Tensor], target: torch.Tensor,
                           token_size: List[int]) -> np.ndarray:
     """Per pruning stage: the share of foreground tokens (any labelled voxel) that are still kept, over a batch.
 
     Chance level is the stage's cumulative keep ratio; a scorer that learned where the object is keeps far more.
     """
-    pool = F.max_pool3d if target.ndim == 5 else F.max_pool2d
-    fg_tokens = pool((target > 0).float(), token_size, token_size).flatten(1)  # (B, L), 1 = foreground token
+    fg_tokens = foreground_tokens(target > 0, token_size)  # (B, L), 1 = foreground token
     if not fg_tokens.any():
         return np.full(len(keep_indices), np.nan)
     return np.array([(torch.gather(fg_tokens, 1, index.cpu()).sum() / fg_tokens.sum()).item()

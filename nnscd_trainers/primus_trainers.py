@@ -21,6 +21,7 @@ from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import (AbstractPrim
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
 from nnscd.token_planning import TokenPlan, plan_tokens
+from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, nnScdTrainer
 
@@ -44,7 +45,7 @@ class nnScdPrimusTrainer(nnScdTrainer, AbstractPrimus):
                            tokens=PRIMUS_TOKEN)
 
 
-class TokenSparsePrimusTrainer(KeepStatistics, nnScdPrimusTrainer):
+class TokenSparsePrimusTrainer(ForegroundPrior, KeepStatistics, nnScdPrimusTrainer):
     """Builds `TokenSparsePrimus` of `size`; variants change `config_changes` (fields of SparsePrimusConfig)."""
     size = "S"
     config_changes: dict = {}
@@ -88,6 +89,20 @@ class STPMTAPrimusV3LTrainer(TokenSparsePrimusTrainer, nnUNet_PrimusV3L_Trainer)
     size = "L"
 
 
+LIGHT_STP = {"stem": "patch", "prune_after": (2, 4), "keep_ratios": (0.5, 0.5)}  # as the small ViT's STPMTATrainer
+
+
+class STPMTAPrimusLightTrainer(TokenSparsePrimusTrainer):
+    """The light network on Primus' recipe: one-conv patch stem, 6 Eva blocks 192 wide, Primus' patch decoder, STP
+    after blocks 2 and 4 keeping 50% each, MTA. The fast family that learns (documentation/results/hippocampus.md)."""
+    size, config_changes = "Light", LIGHT_STP
+
+
+class PrimusLightTrainer(TokenSparsePrimusTrainer):
+    """The dense twin of STPMTAPrimusLightTrainer (no pruning, no MTA); nnunetv2 has no trainer of this size."""
+    size, config_changes = "Light", {"stem": "patch", "prune_after": (), "keep_ratios": ()}
+
+
 class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
     """Gentler pruning: 50% then 25% of the tokens stay live."""
     config_changes = {"keep_ratios": (0.5, 0.5)}
@@ -96,6 +111,11 @@ class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
 class STPMTAPrimusV3STrainer_cumulative(STPMTAPrimusV3STrainer):
     """Every token weighted by the product of all its soft indicators after eva.norm (not only the last decision)."""
     config_changes = {"cumulative_weights": True}
+
+
+class STPMTAPrimusV3STrainer_fgprior(STPMTAPrimusV3STrainer):
+    """The scorers also learn which tokens hold foreground (nnscd_trainers.foreground_prior, weight 1)."""
+    foreground_prior = 1.0
 
 
 class STPMTAPrimusV3STrainer_noMTA(STPMTAPrimusV3STrainer):
@@ -120,6 +140,10 @@ class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
+class STPMTAPrimusV3STrainer_fgprior_budget(STPMTAPrimusV3STrainer_fgprior):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
 class PrimusV3STrainer_cpu(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
     """nnunetv2's dense PrimusV3-S trainer on nnscd's CPU schedule: the twin of STPMTAPrimusV3STrainer_cpu."""
     schedule = CPU_SCHEDULE
@@ -136,3 +160,19 @@ class PrimusV3BTrainer_budget(nnScdPrimusTrainer, nnUNet_PrimusV3B_Trainer):
 
 class STPMTAPrimusV3BTrainer_budget(STPMTAPrimusV3BTrainer):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusLightTrainer_budget(STPMTAPrimusLightTrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class PrimusLightTrainer_budget(PrimusLightTrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusLightTrainer_cpu(STPMTAPrimusLightTrainer):
+    schedule = CPU_SCHEDULE
+
+
+class PrimusLightTrainer_cpu(PrimusLightTrainer):
+    schedule = CPU_SCHEDULE

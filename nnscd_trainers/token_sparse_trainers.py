@@ -21,11 +21,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.token_planning import TokenPlan, token_plan_for
+from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer
 
 
-class TokenSparseTrainer(KeepStatistics, nnScdTrainer):
+class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
     """Trains `nnscd.networks.registry.CONFIGS[network]` with the token size of the plans."""
     network = "stpmta"
     config_changes: dict = {}  # fields of TokenSparseConfig that a variant overrides
@@ -128,6 +129,11 @@ class STPMTATrainer_gumbel(STPMTATrainer):
     config_changes = {"estimator": "gumbel"}
 
 
+class STPMTATrainer_fgprior(STPMTATrainer):
+    """The scorers also learn which tokens hold foreground (nnscd_trainers.foreground_prior, weight 1)."""
+    foreground_prior = 1.0
+
+
 class ViTLightTrainer_heinit(ViTLightTrainer):
     """Primus' decoder init (He normal, a = 1e-2): the light decoder's default init leaves it predicting background."""
     config_changes = {"decoder_init": "he"}
@@ -135,6 +141,15 @@ class ViTLightTrainer_heinit(ViTLightTrainer):
 
 class STPMTALightTrainer_heinit(STPMTALightTrainer):
     config_changes = {"decoder_init": "he"}
+
+
+class ViTLightTrainer_layerscale(ViTLightTrainer):
+    """Primus' LayerScale (0.1) on the encoder blocks: the tokens reach the light decoder with their patch content."""
+    config_changes = {"layer_scale": 0.1}
+
+
+class STPMTALightTrainer_layerscale(STPMTALightTrainer):
+    config_changes = {"layer_scale": 0.1}
 
 
 class ViTLightTrainer_convstem(ViTLightTrainer):
@@ -171,6 +186,10 @@ class STPMTATrainer_budget(STPMTATrainer):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
+class STPMTATrainer_fgprior_budget(STPMTATrainer_fgprior):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
 class UNETRTrainer_budget(UNETRTrainer):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
@@ -196,4 +215,12 @@ class ViTLightTrainer_convstem_budget(ViTLightTrainer_convstem):
 
 
 class STPMTALightTrainer_convstem_budget(STPMTALightTrainer_convstem):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class ViTLightTrainer_layerscale_budget(ViTLightTrainer_layerscale):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTALightTrainer_layerscale_budget(STPMTALightTrainer_layerscale):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH

@@ -243,3 +243,22 @@ def test_conv_stem_and_he_decoder_init_variants():
         TokenSparseSegmenter(1, 3, patch, replace(config, token_size=4))
     with pytest.raises(ValueError, match="stem must be one of"):
         replace(config, stem="deep")
+
+
+def test_layer_scale_scales_each_residual_branch_from_its_init():
+    from nnscd.networks.token_sparse_vit import Block
+
+    torch.manual_seed(0)
+    plain, scaled = Block(24, 2, 4.0), Block(24, 2, 4.0, layer_scale=0.1)
+    assert {k for k in scaled.state_dict()} - {k for k in plain.state_dict()} == {"ls1.gamma", "ls2.gamma"}
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(scaled.ls1.gamma, torch.full((24,), 0.1))
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        scaled.ls1.gamma.zero_(), scaled.ls2.gamma.zero_()
+        assert torch.equal(scaled(x), x)  # both branches scaled to nothing: the identity
+        scaled.ls1.gamma.fill_(1), scaled.ls2.gamma.fill_(1)
+        assert torch.allclose(scaled(x), plain(x))  # scale 1: the plain block
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(CONFIGS["vit-light"], layer_scale=0.1, depth=2,
+                                                           dim=24, heads=2, token_size=8))
+    assert all(b.ls1.gamma.eq(0.1).all() for b in net.encoder.blocks)  # the ViT init leaves LayerScale alone

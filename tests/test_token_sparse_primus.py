@@ -48,6 +48,25 @@ def test_keep_one_computes_what_nnunets_primus_computes(dense, image, config):
         assert all(k.shape == (2, 64) for k in net.last_keep_indices)
 
 
+def test_the_light_network_is_the_first_primus_at_the_small_vits_size(image):
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    torch.manual_seed(0)
+    first = Primus(1, 192, (8, 8, 8), 3, 6, 4, PATCH, init_values=0.1, scale_attn_inner=True,
+                   drop_path_rate=0.2).eval()  # dna's Primus: one-conv patch embedding, Eva blocks, PatchDecode
+    light = TokenSparsePrimus(1, 3, PATCH, SparsePrimusConfig(size="Light", stem="patch", prune_after=(),
+                                                              keep_ratios=()))
+    assert light.load_state_dict(first.state_dict()) is not None  # strict: the same modules under the same names
+    with torch.no_grad():
+        assert torch.equal(light.eval()(image), first(image))
+    config = SparsePrimusConfig(size="Light", stem="patch", prune_after=(2, 4), keep_ratios=(0.5, 0.5))
+    with torch.device("meta"):
+        net = TokenSparsePrimus(1, 3, PATCH, config).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, 1, *PATCH))
+    assert counter.get_total_flops() == sparse_primus_forward_flops(config, 1, 3, PATCH)
+
+
 def test_rope_rows_travel_with_their_tokens(dense, image, monkeypatch):
     table = torch.randn(64, 16)
     positions = torch.stack([torch.randperm(64)[:10] for _ in range(2)])
@@ -102,6 +121,9 @@ def test_benchmark_names_build_nnunets_primus_and_its_sparse_twin():
     with torch.device("meta"):
         assert type(build_network("primusv3-s", 1, 2, PATCH)).__name__ == "PrimusV3S"
         assert isinstance(build_network("stpmta-primusv3-b", 1, 2, PATCH), TokenSparsePrimus)
+        assert build_network("stpmta-primus-light", 1, 2, PATCH).config.stem == "patch"
+    assert modelled_forward_flops("stpmta-primus-light", 1, 2, (96, 96, 96)) < \
+        modelled_forward_flops("primus-light", 1, 2, (96, 96, 96))
     assert modelled_forward_flops("stpmta-primusv3-b", 1, 2, (96, 96, 96)) < \
         modelled_forward_flops("primusv3-b", 1, 2, (96, 96, 96))
 
@@ -135,6 +157,11 @@ def test_sparse_primus_trainers_are_nnunets_primus_trainers_with_another_network
     assert isinstance(net, TokenSparsePrimus) and net.config.size == "S" and net.grid == (5, 7, 5)
     assert nnscd_trainers.STPMTAPrimusV3STrainer_keep50.network_config().keep_ratios == (0.5, 0.5)
     assert not nnscd_trainers.STPMTAPrimusV3STrainer_noMTA.network_config().mta
+    light, dense_light = nnscd_trainers.STPMTAPrimusLightTrainer, nnscd_trainers.PrimusLightTrainer
+    assert issubclass(light, AbstractPrimus) and light.configure_optimizers is AbstractPrimus.configure_optimizers
+    assert light.prunes() and not dense_light.prunes()
+    assert dataclasses.replace(light.network_config(), prune_after=(), keep_ratios=()) == \
+        dense_light.network_config()  # twins: only STP and MTA differ
 
 
 def test_sparse_primus_end_to_end_warm_start_train_predict_token_maps(nnunet_env, planned_dataset, tmp_path):

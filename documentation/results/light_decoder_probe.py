@@ -21,7 +21,7 @@ from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 
 PATCH = (40, 56, 40)
 VARIANTS = ("base", "unetr", "tok4", "heinit", "embedinit", "embedinit-heinit", "nopos", "convstem", "primus1small",
-            "primus")
+            "primus", "layerscale", "layerscale-heinit")
 
 
 def network(variant: str) -> torch.nn.Module:
@@ -36,6 +36,8 @@ def network(variant: str) -> torch.nn.Module:
     config = CONFIGS["unetr" if variant == "unetr" else "vit-light"]
     if variant == "tok4":
         config = dataclasses.replace(config, token_size=4)
+    if "layerscale" in variant:  # Primus' LayerScale 0.1 on the plain blocks
+        config = dataclasses.replace(config, layer_scale=0.1)
     net = TokenSparseSegmenter(1, 3, PATCH, config)
     if variant == "convstem":
         net.patch_embed = PatchEmbedDeeperControlled(1, 192, (1, 1, 1), (16, 32, 64, 128))

@@ -6,6 +6,7 @@ activations, top-K, gathers or scatters), so measured and modelled agree exactly
 then the best-case speed-up: what pruning saves if nothing else costs time.
 """
 import math
+from functools import partial
 from typing import Callable, Sequence
 
 from nnscd.networks.plain_unet import nnunet_unet_plan
@@ -153,23 +154,23 @@ def counted_flops(build: Callable[[], "torch.nn.Module"], input_shape: Sequence[
     return counter.get_total_flops(), tuple(y.shape)
 
 
-def primus_conv_flops(size: str, in_channels: int, num_classes: int, patch_size: Sequence[int],
+def primus_conv_flops(config: "SparsePrimusConfig", in_channels: int, num_classes: int, patch_size: Sequence[int],
                       batch_size: int = 1) -> dict[str, int]:
-    """FLOPs of PrimusV3's convolutional stem and patch decoder, which see every token whatever the keep ratio."""
+    """FLOPs of the stem (PrimusV3's conv stem or the one-conv patch embedding) and Primus' patch decoder, which see
+    every token whatever the keep ratio."""
     import torch
-    from dynamic_network_architectures.building_blocks.patch_encode_decode import (LayerNormNd, PatchDecode,
+    from dynamic_network_architectures.building_blocks.patch_encode_decode import (LayerNormNd, PatchDecode, PatchEmbed,
                                                                                    PatchEmbedDeeperControlled)
 
     from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, primus_width
 
-    stem_flops, tokens = counted_flops(
-        lambda: PatchEmbedDeeperControlled(input_channels=in_channels, embed_dim=primus_width(size),
-                                           depth_per_level=(1, 1, 1), ch_per_level=(32, 64, 256, 1024),
-                                           add_skips=True, nonlin=torch.nn.LeakyReLU),
-        (batch_size, in_channels, *patch_size))
+    width = primus_width(config.size)
+    stem = (partial(PatchEmbed, PRIMUS_TOKEN, in_channels, width) if config.stem == "patch" else
+            partial(PatchEmbedDeeperControlled, input_channels=in_channels, embed_dim=width, depth_per_level=(1, 1, 1),
+                    ch_per_level=(32, 64, 256, 1024), add_skips=True, nonlin=torch.nn.LeakyReLU))
+    stem_flops, tokens = counted_flops(stem, (batch_size, in_channels, *patch_size))
     decoder_flops, _ = counted_flops(
-        lambda: PatchDecode(PRIMUS_TOKEN, primus_width(size), num_classes, norm=LayerNormNd, activation=torch.nn.GELU),
-        tokens)
+        partial(PatchDecode, PRIMUS_TOKEN, width, num_classes, norm=LayerNormNd, activation=torch.nn.GELU), tokens)
     return {"stem": stem_flops, "decoder": decoder_flops}
 
 
@@ -182,7 +183,7 @@ def sparse_primus_flop_breakdown(config: "SparsePrimusConfig", in_channels: int,
     B, D, depth = batch_size, primus_width(config.size), primus_depth(config.size)
     L = math.prod(token_grid(patch_size, PRIMUS_TOKEN))
     parts = {"stem": 0, "encoder": 0, "scorers": 0, "mta": 0, "decoder": 0}
-    parts.update(primus_conv_flops(config.size, in_channels, num_classes, patch_size, batch_size))
+    parts.update(primus_conv_flops(config, in_channels, num_classes, patch_size, batch_size))
     live, hidden = L, config.scorer_hidden or D // 4
     for number in range(1, depth + 1):
         parts["encoder"] += eva_block_flops(B, live, D)

@@ -81,6 +81,13 @@ for size in ("S", "B", "M", "L"):
     FLOP_MODELS[f"stpmta-primusv3-{size.lower()}"] = partial(sparse_primus_forward_flops, sparse_config)
 
 
+for name, stp in (("primus-light", {"prune_after": (), "keep_ratios": ()}),
+                  ("stpmta-primus-light", {"prune_after": (2, 4), "keep_ratios": (0.5, 0.5)})):
+    light_config = SparsePrimusConfig(size="Light", stem="patch", **stp)  # the Primus*LightTrainer networks
+    NETWORKS[name] = sparse_primus_builder(light_config)
+    FLOP_MODELS[name] = partial(sparse_primus_forward_flops, light_config)
+
+
 def build_network(name: str, in_channels: int, num_classes: int, patch_size: Sequence[int]) -> nn.Module:
     if name not in NETWORKS:
         raise KeyError(f"unknown network {name!r}; known: {', '.join(sorted(NETWORKS))}")

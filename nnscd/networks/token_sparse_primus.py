@@ -3,7 +3,9 @@
 The dense network is `dynamic_network_architectures.architectures.primus.PrimusV3X` (what nnunetv2's
 `nnUNet_PrimusV3{S,B,M,L}_Trainer` train): a convolutional stem to 8^3 tokens, EVA blocks with 3D RoPE, SwiGLU and
 LayerScale, then Primus' patch decoder. `TokenSparsePrimus` is that class with a forward that runs the same Eva
-blocks one by one and prunes between them:
+blocks one by one and prunes between them. Size "Light" with stem "patch" is the light network: the first
+Primus' one-conv patch embedding and 6 Eva blocks 192 wide.
+
 
   stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ... ->
   eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, PrimusV3X
+from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, PrimusV3, PrimusV3X
+from dynamic_network_architectures.building_blocks.patch_encode_decode import PatchEmbed
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.layers import RotaryEmbeddingCat, apply_keep_indices_nlc
 from timm.models.eva import EvaBlock
 from torch import Tensor, nn
@@ -32,16 +36,20 @@ from torch import Tensor, nn
 from nnscd.networks.soft_topk import ESTIMATORS
 from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet, gather_tokens
 
-PRIMUS_SIZES = ("S", "B", "M", "L")
 PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
+# Primus' sizes (the table PrimusV3X itself reads), and nnscd's light one: the small ViT's width and depth, a size
+# whose Eva blocks cost about what its one-conv stem and patch decoder cost.
+PRIMUS_CONFIGS = {**_PRIMUS_CONFIGS, "Light": {"eva_depth": 6, "eva_numheads": 4, "embed_dim": 192}}
+PRIMUS_SIZES = tuple(PRIMUS_CONFIGS)
+STEMS = ("v3", "patch")  # PrimusV3's residual conv stem; the first Primus' one-conv patch embedding
 
 
 def primus_width(size: str) -> int:
-    return _PRIMUS_CONFIGS[size]["embed_dim"]  # the size table PrimusV3X itself reads
+    return PRIMUS_CONFIGS[size]["embed_dim"]
 
 
 def primus_depth(size: str) -> int:
-    return _PRIMUS_CONFIGS[size]["eva_depth"]
+    return PRIMUS_CONFIGS[size]["eva_depth"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,8 +61,10 @@ class SparsePrimusConfig:
     """What STP + MTA add to a PrimusV3 of size `size`. `prune_after` are 1-based Eva block numbers; keep ratios
     compound ((0.25, 0.25): 25% then 6.25% of the tokens stay live). `mta=False`: no completion attention, every
     position is decoded from the deepest features it reached (the ablation, and the dense model's exact twin at
-    keep 1). The field names of the STP settings are those `SoftTopKPruning` reads."""
+    keep 1). `stem="patch"`: one conv with kernel = stride = token instead of PrimusV3's conv stem (the light
+    network). The field names of the STP settings are those `SoftTopKPruning` reads."""
     size: str = "S"
+    stem: str = "v3"
     prune_after: tuple[int, ...] = (3, 6)
     keep_ratios: tuple[float, ...] = (0.25, 0.25)
     min_tokens: int = 4
@@ -72,6 +82,8 @@ class SparsePrimusConfig:
     def __post_init__(self):
         if self.size not in PRIMUS_SIZES:
             raise ValueError(f"Primus size {self.size!r} unknown; choose one of {PRIMUS_SIZES}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem {self.stem!r} unknown; choose one of {STEMS}")
         if len(self.prune_after) != len(self.keep_ratios):
             raise ValueError(f"one keep ratio per pruning stage: prune_after={self.prune_after}, "
                              f"keep_ratios={self.keep_ratios}")
@@ -159,8 +171,9 @@ def scatter_tokens(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
     return x.new_zeros(x.shape[0], num_tokens, x.shape[2]).scatter(1, index, x)
 
 
-class TokenSparsePrimus(PrimusV3X):
-    """nnU-Net's PrimusV3 of `config.size` with STP stages between its Eva blocks and MTA before its decoder.
+class TokenSparsePrimus(PrimusV3):
+    """nnU-Net's PrimusV3 of `config.size` (built as PrimusV3X builds it) with STP stages between its Eva blocks
+    and MTA before its decoder.
 
     After each forward `last_keep_indices[s]` holds the grid positions (B, K_s) kept by stage s (C order).
     """
@@ -168,8 +181,14 @@ class TokenSparsePrimus(PrimusV3X):
 
     def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int],
                  config: SparsePrimusConfig = SparsePrimusConfig()):
-        super().__init__(input_channels, num_classes, config.size, PRIMUS_TOKEN, tuple(patch_size),
-                         drop_path_rate=config.drop_path_rate)
+        size = PRIMUS_CONFIGS[config.size]
+        super().__init__(input_channels, size["embed_dim"], PRIMUS_TOKEN, num_classes, size["eva_depth"],
+                         size["eva_numheads"], tuple(patch_size), drop_path_rate=config.drop_path_rate,
+                         init_values=0.1, scale_attn_inner=True)  # PrimusV3X's settings
+        if config.stem == "patch":  # what dna's Primus builds before PrimusV3 replaces it
+            self.down_projection = PatchEmbed(PRIMUS_TOKEN, input_channels, self.embed_dim)
+            self.down_projection.apply(InitWeights_He(1e-2))
+            self.keys_to_in_proj = ("down_projection.proj",)
         depth = len(self.eva.blocks)
         if config.prune_after and config.prune_after[-1] >= depth:
             raise ValueError(f"prune_after={config.prune_after}: Primus-{config.size} has {depth} blocks; prune "

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale
 from torch import Tensor, nn
 
 from nnscd.networks.soft_topk import ESTIMATORS, num_kept, soft_topk, standardise
@@ -58,6 +59,7 @@ class TokenSparseConfig:
     decoder_features: int = 16  # UNETR: channels at full resolution, doubling per level
     stem: str = "linear"  # one conv, kernel = stride = token; "conv": PrimusV3's residual conv stem (3D, token 8)
     decoder_init: str = "torch"  # "he": Primus' init of its decoder (He normal, a = 1e-2, zero biases)
+    layer_scale: float = 0.0  # > 0: LayerScale on the encoder blocks' residual branches, initialised to it
 
     def __post_init__(self):
         if self.dim % self.heads or self.mta_dim % self.mta_heads:
@@ -201,16 +203,20 @@ class Mlp(nn.Sequential):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (LayerNorm runs in fp32 under autocast)."""
+    """Pre-norm transformer block (LayerNorm runs in fp32 under autocast). `layer_scale` > 0: each residual
+    branch is scaled per channel by timm's LayerScale, initialised to that value (Primus: 0.1), so a deep stack
+    starts close to the identity and the tokens keep their patch content."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float = 0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.ls1, self.ls2 = ((LayerScale(dim, layer_scale), LayerScale(dim, layer_scale)) if layer_scale
+                              else (nn.Identity(), nn.Identity()))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,6 +256,9 @@ class SoftTopKPruning(nn.Module):
     order. In training, kept tokens are multiplied by their soft top-K indicator and pruned ones by
     (1 - indicator), so both sets pass gradient to the scorer; at inference the indicator is hard (1 / 0), so
     neither set is scaled.
+
+    After a training forward `last_scores` holds the raw scores and grid positions of the tokens it ranked, each
+    (B, L_live), for a loss on the scorer (nnscd_trainers.foreground_prior); None after an inference forward.
     """
 
     def __init__(self, keep: float, config: TokenSparseConfig, dim: Optional[int] = None):
@@ -257,11 +266,14 @@ class SoftTopKPruning(nn.Module):
         self.keep, self.config = keep, config  # config: any object with TokenSparseConfig's STP fields
         dim = dim or config.dim
         self.scorer = TokenScorer(dim, config.scorer_hidden or dim // 4)
+        self.last_scores: Optional[tuple[Tensor, Tensor]] = None
 
     def forward(self, live: TokenSet) -> tuple[TokenSet, TokenSet]:  # -> kept (B, K, D), pruned (B, L_live-K, D)
         x, positions = live.features, live.positions
         k = num_kept(x.shape[1], self.keep, self.config.min_tokens)
-        scores = standardise(self.scorer(x).float())  # (B, L_live), fp32: the noise scale must mean the same
+        raw = self.scorer(x).float()  # (B, L_live), fp32: the noise scale must mean the same
+        self.last_scores = (raw, positions) if self.training else None
+        scores = standardise(raw)
         order = scores.argsort(dim=1, descending=True, stable=True)
         keep_idx, drop_idx = order[:, :k], order[:, k:]
         kept, dropped = gather_tokens(x, keep_idx), gather_tokens(x, drop_idx)
@@ -284,7 +296,8 @@ class TokenSparseEncoder(nn.Module):
     def __init__(self, config: TokenSparseConfig, taps: Sequence[int]):
         super().__init__()
         self.taps, self.prune_after = tuple(taps), config.prune_after
-        self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config.dim, config.heads, config.mlp_ratio, config.layer_scale)
+                                    for _ in range(config.depth))
         self.stages = nn.ModuleList(SoftTopKPruning(keep, config) for keep in config.keep_ratios)
 
     def forward(self, x: Tensor) -> tuple[list[list[TokenSet]], list[Tensor]]:

@@ -1,0 +1,93 @@
+"""The foreground prior on STP's scorers: it teaches them to keep the tokens that hold foreground, it enters the loss
+of training forwards only, and the trainers that name it use it."""
+import pytest
+import torch
+from torch import nn
+
+import nnscd_trainers
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenSparseConfig, TokenSparseSegmenter
+from nnscd_trainers.foreground_prior import ForegroundPrior, LossWithForegroundPrior, scorer_prior_loss
+from nnscd_trainers.keep_statistics import kept_foreground_share
+
+PATCH, TOKEN = (16, 16, 16), 4  # 4 x 4 x 4 = 64 tokens
+
+
+class _Labels:  # what the loss reads of nnU-Net's LabelManager
+    has_regions = has_ignore_label = False
+
+
+def _blob_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose foreground (one bright 8^3 cube = 8 of the 64 tokens) sits at a random token-aligned place."""
+    image, target = torch.randn(n, 1, *PATCH, generator=generator) * 0.3, torch.zeros(n, 1, *PATCH)
+    for b in range(n):
+        z, y, x = (torch.randint(0, 3, (3,), generator=generator) * TOKEN).tolist()
+        target[b, 0, z:z + 8, y:y + 8, x:x + 8] = 1
+    return image + 2 * target, target
+
+
+def _network() -> TokenSparseSegmenter:
+    torch.manual_seed(0)
+    config = TokenSparseConfig(dim=48, depth=3, heads=2, token_size=TOKEN, prune_after=(1, 2),
+                               keep_ratios=(0.25, 0.5), mta_dim=24, mta_heads=2)
+    return TokenSparseSegmenter(1, 2, PATCH, config)
+
+
+def _kept_share(net: nn.Module, image: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        net.eval()(image)
+    return float(kept_foreground_share(net.last_keep_indices, target, [TOKEN] * 3)[0])
+
+
+def test_the_prior_teaches_the_scorers_to_keep_the_foreground():
+    generator = torch.Generator().manual_seed(0)
+    net = _network()
+    test_image, test_target = _blob_batch(8, generator)
+    before = _kept_share(net, test_image, test_target)
+    stages = [m for m in net.modules() if isinstance(m, SoftTopKPruning)]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(40):
+        image, target = _blob_batch(4, generator)
+        net.train()(image)
+        loss = scorer_prior_loss(stages, target > 0, [TOKEN] * 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _kept_share(net, test_image, test_target)
+    assert before < 0.6 and after > 0.95, (before, after)  # stage 1 keeps 16 of 64 tokens: room for all 8
+
+
+def test_the_prior_enters_training_losses_only():
+    net = _network()
+    image, target = _blob_batch(2, torch.Generator().manual_seed(1))
+    loss = LossWithForegroundPrior(lambda output, t: output.sum() * 0, lambda: net, _Labels(), weight=1.0)
+    assert loss(net.train()(image), target).item() > 0.1  # BCE of untrained scorers is about log 2
+    with torch.no_grad():
+        assert loss(net.eval()(image), target).item() == 0  # validation: nnU-Net's loss alone
+    assert all(m.last_scores is None for m in net.modules() if isinstance(m, SoftTopKPruning))
+
+
+class _SegLoss(nn.Module):
+    def forward(self, output, target):
+        return output.sum() * 0
+
+
+class _Trainer:
+    def _build_loss(self):
+        return _SegLoss()
+
+
+@pytest.mark.parametrize("weight, prunes, wrapped", [(1.0, True, True), (0.0, True, False), (1.0, False, False)])
+def test_trainers_wrap_the_loss_when_they_name_the_prior_and_prune(weight, prunes, wrapped):
+    trainer_class = type("T", (ForegroundPrior, _Trainer), {"foreground_prior": weight,
+                                                             "prunes": classmethod(lambda cls: prunes)})
+    trainer = trainer_class()
+    trainer.network, trainer.label_manager = _network(), _Labels()
+    assert isinstance(trainer._build_loss(), LossWithForegroundPrior) == wrapped
+
+
+def test_the_fgprior_variants_are_the_default_trainers_with_the_prior():
+    for name in ("STPMTAPrimusV3STrainer_fgprior", "STPMTATrainer_fgprior"):
+        variant, base = getattr(nnscd_trainers, name), getattr(nnscd_trainers, name.split("_")[0])
+        assert variant.foreground_prior == 1.0 and base.foreground_prior == 0.0
+        assert variant.network_config.__func__ is base.network_config.__func__
+        assert issubclass(getattr(nnscd_trainers, name + "_budget"), variant)

@@ -10,7 +10,8 @@ from nnscd_trainers.primus_trainers import (
     STPMTAPrimusV3STrainer_keep50_budget, STPMTAPrimusV3STrainer_noMTA, STPMTAPrimusV3STrainer_cumulative,
     STPMTAPrimusV3STrainer_cumulative_budget, STPMTAPrimusV3STrainer_fgprior, STPMTAPrimusV3STrainer_fgprior_budget,
     STPMTAPrimusLightTrainer, PrimusLightTrainer, STPMTAPrimusLightTrainer_budget, PrimusLightTrainer_budget,
-    STPMTAPrimusLightTrainer_cpu, PrimusLightTrainer_cpu)
+    STPMTAPrimusLightTrainer_cpu, PrimusLightTrainer_cpu, STPMTAPrimusV3STrainer_equalcompute,
+    STPMTAPrimusLightTrainer_equalcompute, PrimusLightTrainer_equalcompute)
 from nnscd_trainers.token_sparse_trainers import (
     STPMTALightTrainer, STPMTALightTrainer_cpu, STPMTALightTrainer_paper, STPMTATrainer, STPMTATrainer_cpu,
     STPMTATrainer_demo, STPMTATrainer_budget, UNETRTrainer_budget, STPMTALightTrainer_budget, ViTLightTrainer_budget,
@@ -20,7 +21,7 @@ from nnscd_trainers.token_sparse_trainers import (
     ViTLightTrainer_heinit_budget, STPMTALightTrainer_heinit_budget, ViTLightTrainer_convstem_budget,
     STPMTALightTrainer_convstem_budget, STPMTATrainer_fgprior, STPMTATrainer_fgprior_budget,
     ViTLightTrainer_layerscale, STPMTALightTrainer_layerscale, ViTLightTrainer_layerscale_budget,
-    STPMTALightTrainer_layerscale_budget)
+    STPMTALightTrainer_layerscale_budget, STPMTATrainer_equalcompute, UNETRTrainer_equalcompute)
 
 __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "APFormerTrainer", "APFormerNoPruneTrainer", "APFormerTrainer_cpu", "APFormerNoPruneTrainer_cpu",
@@ -42,4 +43,6 @@ __all__ = ["nnScdTrainer", "nnScdTrainer_cpu", "nnScdTrainer_budget",
            "STPMTATrainer_fgprior_budget", "ViTLightTrainer_layerscale", "STPMTALightTrainer_layerscale",
            "ViTLightTrainer_layerscale_budget", "STPMTALightTrainer_layerscale_budget",
            "STPMTAPrimusLightTrainer", "PrimusLightTrainer", "STPMTAPrimusLightTrainer_budget", "PrimusLightTrainer_budget",
-           "STPMTAPrimusLightTrainer_cpu", "PrimusLightTrainer_cpu"]
+           "STPMTAPrimusLightTrainer_cpu", "PrimusLightTrainer_cpu", "STPMTAPrimusV3STrainer_equalcompute",
+           "STPMTAPrimusLightTrainer_equalcompute", "PrimusLightTrainer_equalcompute", "STPMTATrainer_equalcompute",
+           "UNETRTrainer_equalcompute"]

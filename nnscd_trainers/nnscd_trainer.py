@@ -22,6 +22,18 @@ CPU_SCHEDULE = (5, 10, 5)
 # The quality protocol's budget (documentation/results/hippocampus.md): 10 epochs x 25 iterations at the plans' batch,
 # where nnU-Net's U-Net learns (at the earlier 100 steps of batch 2 it predicted background). None keeps the plans' batch.
 BUDGET_SCHEDULE, BUDGET_BATCH = (10, 25, 5), None
+# Equal compute, the protocol's second view: the training time nnU-Net's U-Net needs for the budget, converted into a
+# trainer's epochs from the seconds per iteration (data loading included) that `nnScd_benchmark -d 4 -c 3d_fullres`
+# measured for both on the quiet 2-core CPU (documentation/results/benchmark_hippocampus_steps_cpu.json).
+UNET_ITERATION_S = 6.583
+
+
+def equal_compute_schedule(iteration_s: float) -> tuple[int, int, int]:
+    """The budget's schedule with as many epochs of 25 iterations as fit in the U-Net's budget time."""
+    epochs, iterations, validation = BUDGET_SCHEDULE
+    return round(epochs * UNET_ITERATION_S / iteration_s), iterations, validation
+
+
 # The earlier comparison budget (100 steps of batch 2): too short for 3D quality, cheap and enough for 2D checks.
 STEPS100_SCHEDULE, STEPS100_BATCH = (5, 20, 5), 2
 

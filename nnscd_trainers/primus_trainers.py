@@ -23,7 +23,8 @@ from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, SparsePrimusConfig,
 from nnscd.token_planning import TokenPlan, plan_tokens
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
-from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, nnScdTrainer
+from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, equal_compute_schedule,
+                                          nnScdTrainer)
 
 NNUNET_WARMUP_SHARE = 50 / 1000  # AbstractPrimus: 50 warm-up epochs of 1000
 
@@ -176,3 +177,16 @@ class STPMTAPrimusLightTrainer_cpu(STPMTAPrimusLightTrainer):
 
 class PrimusLightTrainer_cpu(PrimusLightTrainer):
     schedule = CPU_SCHEDULE
+
+
+# equal compute: the U-Net's budget time (nnscd_trainer.equal_compute_schedule; seconds per iteration measured)
+class STPMTAPrimusV3STrainer_equalcompute(STPMTAPrimusV3STrainer):
+    schedule, batch_size_override = equal_compute_schedule(6.186), BUDGET_BATCH  # 11 epochs x 25
+
+
+class STPMTAPrimusLightTrainer_equalcompute(STPMTAPrimusLightTrainer):
+    schedule, batch_size_override = equal_compute_schedule(0.366), BUDGET_BATCH  # 180 epochs x 25
+
+
+class PrimusLightTrainer_equalcompute(PrimusLightTrainer):
+    schedule, batch_size_override = equal_compute_schedule(0.412), BUDGET_BATCH  # 160 epochs x 25

@@ -23,7 +23,8 @@ from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.token_planning import TokenPlan, token_plan_for
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
-from nnscd_trainers.nnscd_trainer import BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR, nnScdTrainer
+from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR,
+                                          equal_compute_schedule, nnScdTrainer)
 
 
 class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
@@ -224,3 +225,12 @@ class ViTLightTrainer_layerscale_budget(ViTLightTrainer_layerscale):
 
 class STPMTALightTrainer_layerscale_budget(STPMTALightTrainer_layerscale):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+# equal compute: the U-Net's budget time (nnscd_trainer.equal_compute_schedule; seconds per iteration measured)
+class STPMTATrainer_equalcompute(STPMTATrainer):
+    schedule, batch_size_override = equal_compute_schedule(2.203), BUDGET_BATCH  # 30 epochs x 25
+
+
+class UNETRTrainer_equalcompute(UNETRTrainer):
+    schedule, batch_size_override = equal_compute_schedule(2.127), BUDGET_BATCH  # 31 epochs x 25

@@ -82,3 +82,21 @@ def test_stpmta_end_to_end_train_predict_evaluate(nnunet_env, planned_dataset, t
                  "-npp", "0", "-nps", "0", "--disable_tta"], nnunet_env)
     dice = dice_per_class(out, planned_dataset / "labelsTs", [1, 2])
     assert min(dice.values()) > 0.2, dice  # 50 iterations of a ViT from scratch: learning, not yet converged
+
+
+def test_equal_compute_schedules_give_each_trainer_the_unets_budget_time():
+    from pathlib import Path
+
+    from nnscd_trainers.nnscd_trainer import BUDGET_SCHEDULE, UNET_ITERATION_S, equal_compute_schedule
+
+    assert equal_compute_schedule(UNET_ITERATION_S) == BUDGET_SCHEDULE
+    assert equal_compute_schedule(UNET_ITERATION_S / 3) == (30, 25, 5)
+    measured = json.loads((Path(__file__).parents[1] / "documentation" / "results" /
+                           "benchmark_hippocampus_steps_cpu.json").read_text())["results"]
+    step_s = {r["name"]: r["iter_s_with_loading"] for r in measured}
+    assert UNET_ITERATION_S == pytest.approx(step_s["nnScdTrainer"], abs=1e-3)
+    variants = [n for n in nnscd_trainers.__all__ if n.endswith("_equalcompute")]
+    assert len(variants) >= 5
+    for name in variants:  # the epochs follow the committed measurement of the trainer they shorten
+        epochs = getattr(nnscd_trainers, name).schedule[0]
+        assert epochs == round(BUDGET_SCHEDULE[0] * step_s["nnScdTrainer"] / step_s[name.split("_")[0]]), name

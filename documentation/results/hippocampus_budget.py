@@ -1,8 +1,9 @@
 """Tables of the quality protocol (hippocampus_budget.sh trains; this reads what nnU-Net's final validation wrote).
 
-For every trained `*_budget` trainer on Hippocampus fold 0: Dice per class and mean over the 42 validation cases,
-the paired per-case difference with its 95% t-interval against nnU-Net's U-Net (nnScdTrainer_budget) and against
-the dense twin, training wall time (nnU-Net's epoch timestamps), iterations and forward GFLOPs per tile.
+For every trained `*_budget` (equal iterations) and `*_equalcompute` trainer on Hippocampus fold 0: Dice per class
+and mean over the 42 validation cases, the paired per-case difference with its 95% t-interval against nnU-Net's U-Net
+(nnScdTrainer_budget) and against the dense twin, training wall time (nnU-Net's epoch timestamps), iterations and
+forward GFLOPs per tile.
 
     nnUNet_results=... nnUNet_raw=... nnUNet_preprocessed=... python documentation/results/hippocampus_budget.py \
         --out documentation/results
@@ -28,6 +29,8 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusLightTrainer_budget": "PrimusLightTrainer_budget",
     "STPMTATrainer_fgprior_budget": "UNETRTrainer_budget",
     "STPMTALightTrainer_layerscale_budget": "ViTLightTrainer_layerscale_budget",
+    "STPMTATrainer_equalcompute": "UNETRTrainer_equalcompute",
+    "STPMTAPrimusLightTrainer_equalcompute": "PrimusLightTrainer_equalcompute",
     "STPMTATrainer_budget": "UNETRTrainer_budget",
     "STPMTALightTrainer_budget": "ViTLightTrainer_budget",
     "APFormerTrainer_budget": "APFormerNoPruneTrainer_budget",
@@ -77,7 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
-    records = {m.name.split("__")[0]: record(m) for m in sorted(results.glob("*_budget__nnUNetPlans__3d_fullres"))
+    models = sorted(m for view in ("budget", "equalcompute") for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
+    records = {m.name.split("__")[0]: record(m) for m in models
                if (m / "fold_0" / "validation" / "summary.json").is_file()}
     out = Path(args.out)
     (out / "hippocampus_budget_fold0_cpu.json").write_text(json.dumps(records, indent=1))

@@ -58,8 +58,8 @@ class DiceCEWithAPFormerAux(nn.Module):
         net = self.network()
         if not net.training:
             return loss
-        return loss + apformer_aux_loss(net, foreground_mask(target, self.label_manager), self.ssa_weight, self.fg_weight,
-                                        self.sparsity_weight)
+        return loss + apformer_aux_loss(net, foreground_mask(target, self.label_manager), self.ssa_weight,
+                                        self.fg_weight, self.sparsity_weight)
 
     def extra_repr(self) -> str:
         return f"ssa_weight={self.ssa_weight}, fg_weight={self.fg_weight}, sparsity_weight={self.sparsity_weight}"

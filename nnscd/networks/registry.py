@@ -14,7 +14,7 @@ from torch import nn
 from nnscd.networks.flop_model import (nnunet_unet_forward_flops, sparse_primus_forward_flops,
                                        token_sparse_forward_flops)
 from nnscd.networks.plain_unet import build_nnunet_unet
-from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
+from nnscd.networks.token_sparse_primus import LIGHT, PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
 from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
 
 Builder = Callable[[int, int, Sequence[int]], nn.Module]
@@ -30,8 +30,8 @@ PAPER = TokenSparseConfig(dim=768, depth=12, heads=12, token_size=8, prune_after
                           keep_ratios=(0.25, 0.25, 0.25), mta_dim=384, mta_depth=1, mta_heads=6)
 
 
-def dense(config: TokenSparseConfig) -> TokenSparseConfig:
-    """The dense twin: the same encoder and decoder with no pruning and no MTA."""
+def dense(config: TokenSparseConfig | SparsePrimusConfig) -> TokenSparseConfig | SparsePrimusConfig:
+    """The dense twin: the same encoder and decoder with no pruning and no MTA (either family)."""
     return replace(config, prune_after=(), keep_ratios=())
 
 
@@ -73,17 +73,16 @@ def primus_builder(size: str) -> Builder:
 
 
 for size in ("S", "B", "M", "L"):
-    sparse_config, dense_config = SparsePrimusConfig(size=size), SparsePrimusConfig(size=size, prune_after=(),
-                                                                                   keep_ratios=())
+    sparse_config = SparsePrimusConfig(size=size)
+    dense_config = dense(sparse_config)
     NETWORKS[f"primusv3-{size.lower()}"] = primus_builder(size)
     NETWORKS[f"stpmta-primusv3-{size.lower()}"] = sparse_primus_builder(sparse_config)
     FLOP_MODELS[f"primusv3-{size.lower()}"] = partial(sparse_primus_forward_flops, dense_config)
     FLOP_MODELS[f"stpmta-primusv3-{size.lower()}"] = partial(sparse_primus_forward_flops, sparse_config)
 
 
-for name, stp in (("primus-light", {"prune_after": (), "keep_ratios": ()}),
-                  ("stpmta-primus-light", {"prune_after": (2, 4), "keep_ratios": (0.5, 0.5)})):
-    light_config = SparsePrimusConfig(size="Light", stem="patch", **stp)  # the Primus*LightTrainer networks
+for name, light_config in (("primus-light", dense(SparsePrimusConfig(**LIGHT))),
+                           ("stpmta-primus-light", SparsePrimusConfig(**LIGHT))):  # the Primus*LightTrainer networks
     NETWORKS[name] = sparse_primus_builder(light_config)
     FLOP_MODELS[name] = partial(sparse_primus_forward_flops, light_config)
 

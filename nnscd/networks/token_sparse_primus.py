@@ -4,8 +4,7 @@ The dense network is `dynamic_network_architectures.architectures.primus.PrimusV
 `nnUNet_PrimusV3{S,B,M,L}_Trainer` train): a convolutional stem to 8^3 tokens, EVA blocks with 3D RoPE, SwiGLU and
 LayerScale, then Primus' patch decoder. `TokenSparsePrimus` is that class with a forward that runs the same Eva
 blocks one by one and prunes between them. Size "Light" with stem "patch" is the light network: the first
-Primus' one-conv patch embedding and 6 Eva blocks 192 wide.
-
+Primus' one-conv patch embedding and 6 Eva blocks 192 wide (`LIGHT`).
 
   stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ... ->
   eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
@@ -42,6 +41,8 @@ PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
 PRIMUS_CONFIGS = {**_PRIMUS_CONFIGS, "Light": {"eva_depth": 6, "eva_numheads": 4, "embed_dim": 192}}
 PRIMUS_SIZES = tuple(PRIMUS_CONFIGS)
 STEMS = ("v3", "patch")  # PrimusV3's residual conv stem; the first Primus' one-conv patch embedding
+# The light network's settings (fields of SparsePrimusConfig): STP as the small ViT's STPMTATrainer has it
+LIGHT = {"size": "Light", "stem": "patch", "prune_after": (2, 4), "keep_ratios": (0.5, 0.5)}
 
 
 def primus_width(size: str) -> int:

@@ -12,7 +12,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 
 from dataset_conversion.common import (free_raw_dataset_folder, listed, require_folder, run_jobs, staged_dataset,
                                        write_integer_label)
-from nnscd.commands import fail
+from nnscd.core.errors import UserError
 
 BTCV_LAYOUT = ("Abdomen/RawData/{Training/img/imgXXXX.nii.gz, Training/label/labelXXXX.nii.gz, "
                "Testing/img/imgXXXX.nii.gz} (RawData.zip from synapse.org syn3193805; -i may point at the folder "
@@ -26,7 +26,7 @@ def find_raw_data(folder: str) -> str:
     for candidate in (os.path.join(folder, "Abdomen", "RawData"), os.path.join(folder, "RawData"), folder):
         if os.path.isdir(os.path.join(candidate, "Training", "img")):
             return candidate
-    fail(f"no Training/img folder in {folder}. Expected layout: {BTCV_LAYOUT}")
+    raise UserError(f"no Training/img folder in {folder}. Expected layout: {BTCV_LAYOUT}")
 
 
 def convert_btcv(source_folder: str, dataset_id: int = 17, num_processes: int = 1) -> str:
@@ -37,8 +37,8 @@ def convert_btcv(source_folder: str, dataset_id: int = 17, num_processes: int = 
     labels = listed(os.path.join(raw, "Training", "label"), ".nii.gz")
     unpaired = sorted(set(images) ^ {f.replace("label", "img", 1) for f in labels})
     if not images or unpaired:
-        fail(f"Training/img/imgXXXX.nii.gz and Training/label/labelXXXX.nii.gz in {raw} must pair up; unpaired: "
-             f"{', '.join(unpaired) or 'no images at all'}. Expected layout: {BTCV_LAYOUT}")
+        raise UserError(f"Training/img/imgXXXX.nii.gz and Training/label/labelXXXX.nii.gz in {raw} must pair up; "
+                        f"unpaired: {', '.join(unpaired) or 'no images at all'}. Expected layout: {BTCV_LAYOUT}")
     test_folder = os.path.join(raw, "Testing", "img")
     tests = listed(test_folder, ".nii.gz") if os.path.isdir(test_folder) else []
 
@@ -60,7 +60,7 @@ def convert_btcv(source_folder: str, dataset_id: int = 17, num_processes: int = 
 
 
 def main() -> None:
-    from nnscd.paths import settle_environment
+    from nnscd.core.paths import settle_environment
 
     settle_environment()
     parser = argparse.ArgumentParser(description="Convert BTCV / Synapse (Abdomen RawData) to nnU-Net raw format "
@@ -71,6 +71,3 @@ def main() -> None:
     args = parser.parse_args()
     convert_btcv(args.i, args.d, args.np)
 
-
-if __name__ == "__main__":
-    main()

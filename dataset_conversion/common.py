@@ -11,13 +11,13 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnscd.commands import fail
-from nnscd.safe_io import PARTIAL_PREFIX, atomic_path
+from nnscd.core.errors import UserError
+from nnscd.core.safe_io import PARTIAL_PREFIX, atomic_path
 
 
 def require_folder(folder: str, layout: str) -> None:
     if not os.path.isdir(folder):
-        fail(f"{folder} does not exist. Expected layout: {layout}")
+        raise UserError(f"{folder} does not exist. Expected layout: {layout}")
 
 
 def free_raw_dataset_folder(dataset_id: int, name: str) -> str:
@@ -27,9 +27,9 @@ def free_raw_dataset_folder(dataset_id: int, name: str) -> str:
 
     taken = list(find_candidate_datasets(dataset_id))  # a numpy array
     if taken:
-        fail(f"dataset id {dataset_id} is taken ({', '.join(taken)} in nnUNet_raw, nnUNet_preprocessed or "
-             f"nnUNet_results). Pick a free id (-overwrite_id of nnScd_convert_MSD_dataset, "
-             f"-d of the other converters) or delete the old dataset first.")
+        raise UserError(f"dataset id {dataset_id} is taken ({', '.join(taken)} in nnUNet_raw, nnUNet_preprocessed or "
+                        f"nnUNet_results). Pick a free id (-overwrite_id of nnScd_convert_MSD_dataset, "
+                        f"-d of the other converters) or delete the old dataset first.")
     return os.path.join(str(nnUNet_raw), f"Dataset{dataset_id:03d}_{name}")
 
 
@@ -92,7 +92,7 @@ def run_jobs(jobs: Sequence[Tuple[Callable, ...]], num_processes: int, descripti
                 for _ in tqdm(pool.imap_unordered(_run, jobs), total=len(jobs), desc=description):
                     pass
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e))
 
 
 def listed(folder: str, ending: str) -> List[str]:

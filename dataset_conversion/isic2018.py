@@ -15,7 +15,7 @@ from skimage import io
 from skimage.transform import resize
 
 from dataset_conversion.common import free_raw_dataset_folder, listed, require_folder, run_jobs, staged_dataset
-from nnscd.commands import fail
+from nnscd.core.errors import UserError
 
 ISIC_LAYOUT = ("ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg and ISIC2018_Task1_Training_GroundTruth/"
                "ISIC_XXXXXXX_segmentation.png (the challenge's zips extracted side by side); optional test images in "
@@ -72,8 +72,9 @@ def convert_isic2018(source_folder: str, dataset_id: int = 18, num_processes: in
     cases = [f[:-len(".jpg")] for f in listed(image_folder, ".jpg")]  # the input zip also holds LICENSE.txt etc.
     missing = sorted(set(cases) - {f[:-len("_segmentation.png")] for f in listed(mask_folder, "_segmentation.png")})
     if not cases or missing:
-        fail(f"every {image_folder}/ISIC_XXXXXXX.jpg needs {mask_folder}/ISIC_XXXXXXX_segmentation.png; missing "
-             f"masks for: {', '.join(missing) or 'no images at all'}. Expected layout: {ISIC_LAYOUT}")
+        raise UserError(f"every {image_folder}/ISIC_XXXXXXX.jpg needs {mask_folder}/ISIC_XXXXXXX_segmentation.png; "
+                        f"missing masks for: {', '.join(missing) or 'no images at all'}. Expected layout: "
+                        f"{ISIC_LAYOUT}")
 
     final = free_raw_dataset_folder(dataset_id, "ISIC2018")
     with staged_dataset(final) as target:
@@ -103,7 +104,7 @@ def convert_isic2018(source_folder: str, dataset_id: int = 18, num_processes: in
 
 
 def main() -> None:
-    from nnscd.paths import settle_environment
+    from nnscd.core.paths import settle_environment
 
     settle_environment()
     parser = argparse.ArgumentParser(description="Convert ISIC 2018 Task 1 to nnU-Net raw format "
@@ -116,6 +117,3 @@ def main() -> None:
     args = parser.parse_args()
     convert_isic2018(args.i, args.d, args.np, args.size)
 
-
-if __name__ == "__main__":
-    main()

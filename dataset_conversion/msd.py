@@ -21,7 +21,7 @@ from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
 
 from dataset_conversion.common import (free_raw_dataset_folder, listed, require_folder, run_jobs, staged_dataset,
                                        write_integer_label)
-from nnscd.commands import fail
+from nnscd.core.errors import UserError
 
 MSD_LAYOUT = ("TaskXX_Name/{dataset.json, imagesTr/NAME.nii.gz, labelsTr/NAME.nii.gz, imagesTs/NAME.nii.gz}, "
               "the extracted Decathlon tar (e.g. Task04_Hippocampus).")
@@ -42,26 +42,27 @@ def convert_msd_dataset(source_folder: str, overwrite_target_id: Optional[int] =
     source_folder = os.path.abspath(source_folder.rstrip("/\\"))
     match = re.fullmatch(r"Task(\d+)_([A-Za-z0-9]+)", os.path.basename(source_folder))
     if match is None:
-        fail(f"{source_folder}: the folder name must be the task's, TaskXX_Name (e.g. Task04_Hippocampus); nnU-Net "
-             f"takes the dataset id and name from it. Expected layout: {MSD_LAYOUT}")
+        raise UserError(f"{source_folder}: the folder name must be the task's, TaskXX_Name (e.g. "
+                        f"Task04_Hippocampus); nnU-Net takes the dataset id and name from it. Expected layout: "
+                        f"{MSD_LAYOUT}")
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         require_folder(os.path.join(source_folder, sub), MSD_LAYOUT)
     if not os.path.isfile(os.path.join(source_folder, "dataset.json")):
-        fail(f"{source_folder}/dataset.json is missing. Expected layout: {MSD_LAYOUT}")
+        raise UserError(f"{source_folder}/dataset.json is missing. Expected layout: {MSD_LAYOUT}")
     source_json = load_json(os.path.join(source_folder, "dataset.json"))
     if "modality" not in source_json or "labels" not in source_json:
-        fail(f"{source_folder}/dataset.json has no 'modality' or 'labels': it is not an MSD dataset.json (an nnU-Net "
-             f"v1 or v2 dataset needs no conversion).")
+        raise UserError(f"{source_folder}/dataset.json has no 'modality' or 'labels': it is not an MSD dataset.json "
+                        f"(an nnU-Net v1 or v2 dataset needs no conversion).")
 
     images = listed(os.path.join(source_folder, "imagesTr"), ".nii.gz")
     labels = listed(os.path.join(source_folder, "labelsTr"), ".nii.gz")
     tests = listed(os.path.join(source_folder, "imagesTs"), ".nii.gz")
     if not images:
-        fail(f"{source_folder}/imagesTr holds no .nii.gz images. Expected layout: {MSD_LAYOUT}")
+        raise UserError(f"{source_folder}/imagesTr holds no .nii.gz images. Expected layout: {MSD_LAYOUT}")
     unpaired = sorted(set(images) ^ set(labels))
     if unpaired:
-        fail(f"imagesTr and labelsTr of {source_folder} must hold the same file names; unpaired: "
-             f"{', '.join(unpaired)}. Re-extract the task or remove the stray files.")
+        raise UserError(f"imagesTr and labelsTr of {source_folder} must hold the same file names; unpaired: "
+                        f"{', '.join(unpaired)}. Re-extract the task or remove the stray files.")
 
     dataset_id = int(match.group(1)) if overwrite_target_id is None else overwrite_target_id
     final = free_raw_dataset_folder(dataset_id, match.group(2))
@@ -85,7 +86,7 @@ def convert_msd_dataset(source_folder: str, overwrite_target_id: Optional[int] =
 
 
 def main() -> None:
-    from nnscd.paths import settle_environment
+    from nnscd.core.paths import settle_environment
 
     settle_environment()
     from nnunetv2.configuration import default_num_processes
@@ -100,6 +101,3 @@ def main() -> None:
     args = parser.parse_args()
     convert_msd_dataset(args.i, args.overwrite_id, args.np)
 
-
-if __name__ == "__main__":
-    main()

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from nnscd.networks.apformer import BOTTLENECK_STRIDE, APFormer, apformer_aux_loss, build_apformer, \
     build_apformer_noprune
-from nnscd.progress_plots import plot_per_epoch
-from nnscd_trainers.foreground_prior import foreground_mask
+from nnscd.core.device import unwrap
+from nnscd.core.nnunet_hooks import add_log_series
+from nnscd.core.progress_plots import plot_per_epoch
+from nnscd_trainers.keep_statistics import foreground_mask
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, STEPS100_BATCH, STEPS100_SCHEDULE,
-                                          WarmupPolyLR, nnScdTrainer, unwrap)
+                                          WarmupPolyLR, nnScdTrainer)
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -101,6 +103,8 @@ class APFormerTrainer(nnScdTrainer):
     moves from its init (DP's pruned share 0.36-0.42, about 0.4 at init; AdamW 0.89-0.97); lr 1e-3 was too slow
     for 50 steps (test Dice 0.73-0.90 against 0.90-0.95). Measurements: documentation/apformer.md.
     """
+    builder = staticmethod(build_apformer)  # (in_channels, classes, patch) -> APFormer
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -108,18 +112,16 @@ class APFormerTrainer(nnScdTrainer):
         self.initial_lr = 3e-3
         self.weight_decay = 1e-2
         self.warmup_fraction = 0.05
-        # nnU-Net's logger takes only the keys it knows; its per-epoch lists are what checkpoints store, so keys
-        # added here survive `--c` with the rest of the history (and reach wandb through logger.log).
-        for key in PRUNING_KEYS:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+        for key in PRUNING_KEYS:  # stored in checkpoints with nnU-Net's own series; reach wandb through logger.log
+            add_log_series(self, key)
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """APFormer at the plans' patch size (the predictor calls only this; APFormer has no deep supervision)."""
+        """`builder` at the plans' patch size (the predictor calls only this; APFormer has no deep supervision)."""
         patch = check_patch_size(plans_manager, configuration_manager)
-        return build_apformer(num_input_channels, num_output_channels, patch)
+        return cls.builder(num_input_channels, num_output_channels, patch)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """APFormer has a single output."""
@@ -183,13 +185,7 @@ class APFormerTrainer(nnScdTrainer):
 
 class APFormerNoPruneTrainer(APFormerTrainer):
     """The ablation baseline: APFormer without query and dependency pruning (SSA and GRPE stay)."""
-
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        patch = check_patch_size(plans_manager, configuration_manager)
-        return build_apformer_noprune(num_input_channels, num_output_channels, patch)
+    builder = staticmethod(build_apformer_noprune)
 
 
 class APFormerTrainer_cpu(APFormerTrainer):

@@ -17,16 +17,8 @@ from torch import Tensor, nn
 
 from nnscd.networks.token_sparse_vit import SoftTopKPruning
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from nnscd_trainers.keep_statistics import foreground_tokens
-from nnscd_trainers.nnscd_trainer import unwrap
-
-
-def foreground_mask(target: Tensor, label_manager: LabelManager) -> Tensor:
-    """(B, 1 or regions, *patch) nnU-Net target -> (B, 1, *patch) bool: labels > 0 (the ignore label counts as
-    foreground, so unlabelled positions are kept), or any region (the ignore channel, nnU-Net's last, dropped)."""
-    if not label_manager.has_regions:
-        return target > 0
-    return (target[:, :-1] if label_manager.has_ignore_label else target).any(1, keepdim=True)
+from nnscd_trainers.keep_statistics import foreground_mask, foreground_tokens
+from nnscd.core.device import unwrap
 
 
 def scorer_prior_loss(stages: List[SoftTopKPruning], foreground: Tensor, token_size: List[int]) -> Tensor:

@@ -9,9 +9,11 @@ from typing import List
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnscd.progress_plots import plot_per_epoch
-from nnscd_trainers.nnscd_trainer import unwrap
+from nnscd.core.device import unwrap
+from nnscd.core.nnunet_hooks import add_log_series
+from nnscd.core.progress_plots import plot_per_epoch
 
 LOG_KEY = "kept_foreground"
 
@@ -22,13 +24,20 @@ def foreground_tokens(foreground: torch.Tensor, token_size: List[int]) -> torch.
     return pool(foreground.float(), token_size, token_size).flatten(1)
 
 
-def kept_foreground_share(keep_indices: List[torch.Tensor], target: torch.Tensor,
-                          token_size: List[int]) -> np.ndarray:
-    """Per pruning stage: the share of foreground tokens (any labelled voxel) that are still kept, over a batch.
+def foreground_mask(target: torch.Tensor, label_manager: LabelManager) -> torch.Tensor:
+    """(B, 1 or regions, *patch) nnU-Net target -> (B, 1, *patch) bool: labels > 0 (the ignore label counts as
+    foreground, so unlabelled positions are kept), or any region (the ignore channel, nnU-Net's last, dropped)."""
+    if not label_manager.has_regions:
+        return target > 0
+    return (target[:, :-1] if label_manager.has_ignore_label else target).any(1, keepdim=True)
 
-    Chance level is the stage's cumulative keep ratio; a scorer that learned where the object is keeps far more.
+
+def kept_foreground_share(keep_indices: List[torch.Tensor], foreground: torch.Tensor,
+                          token_size: List[int]) -> np.ndarray:
+    """Per pruning stage: the share of foreground tokens (any voxel of the (B, 1, *patch) mask) still kept, over a
+    batch. Chance level is the stage's cumulative keep ratio; a scorer that learned where the object is keeps more.
     """
-    fg_tokens = foreground_tokens(target > 0, token_size)  # (B, L), 1 = foreground token
+    fg_tokens = foreground_tokens(foreground, token_size)  # (B, L), 1 = foreground token
     if not fg_tokens.any():
         return np.full(len(keep_indices), np.nan)
     return np.array([(torch.gather(fg_tokens, 1, index.cpu()).sum() / fg_tokens.sum()).item()
@@ -40,13 +49,15 @@ class KeepStatistics:
     network prunes; validation batches then log, print and plot (`token_keep_progress.png`) the kept share."""
 
     def track_keep_statistics(self) -> None:
-        self.logger.local_logger.my_fantastic_logging.setdefault(LOG_KEY, [])  # kept in nnU-Net's checkpoints
+        add_log_series(self, LOG_KEY)
 
     def validation_step(self, batch: dict) -> dict:
         result = super().validation_step(batch)
         network = unwrap(self.network)
         if network.config.sparse:
-            result[LOG_KEY] = kept_foreground_share(network.last_keep_indices, batch["target"], network.token_size)
+            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]  # full resolution
+            result[LOG_KEY] = kept_foreground_share(network.last_keep_indices,
+                                                    foreground_mask(target, self.label_manager), network.token_size)
         return result
 
     def on_validation_epoch_end(self, val_outputs: List[dict]) -> None:
@@ -60,7 +71,7 @@ class KeepStatistics:
 
     def on_epoch_end(self) -> None:
         super().on_epoch_end()
-        history = self.logger.local_logger.my_fantastic_logging.get(LOG_KEY)
+        history = self.logger.get_value(LOG_KEY, None) if unwrap(self.network).config.sparse else None
         if history and self.local_rank == 0:
             keep = np.cumprod(unwrap(self.network).config.keep_ratios)
             stages = {f"after stage {i + 1}": [h[i] for h in history] for i in range(len(keep))}

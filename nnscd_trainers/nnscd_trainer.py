@@ -2,20 +2,18 @@
 import os
 import random
 from typing import List, Optional, Tuple
-from unittest import mock
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnscd.atomic_plans_manager import AtomicWritePlansManager
-from nnscd.predictor import nnScdPredictor
-from nnscd.safe_io import atomic_path
-from nnscd.token_planning import TokenPlan, apply_token_plan
+from nnscd.core import nnunet_hooks
+from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.core.predictor import nnScdPredictor
+from nnscd.core.safe_io import atomic_path
+from nnscd.core.token_planning import TokenPlan, apply_token_plan
 
 # (epochs, training iterations per epoch, validation iterations per epoch): minutes on a 2-core CPU
 CPU_SCHEDULE = (5, 10, 5)
@@ -88,12 +86,6 @@ class SeededAugmenter(NonDetMultiThreadedAugmenter):
                          seeds=[first + i for i in range(num_processes)], **kwargs)
 
 
-def unwrap(network: nn.Module) -> nn.Module:
-    """The network itself, under DDP and torch.compile wrappers."""
-    network = getattr(network, "module", network)
-    return getattr(network, "_orig_mod", network)
-
-
 class nnScdTrainer(nnUNetTrainer):
     """nnUNetTrainer with atomic checkpoints and validation exports, a resumable checkpoint every epoch, and the
     final validation predicted by nnscd's batched predictor.
@@ -156,12 +148,12 @@ class nnScdTrainer(nnUNetTrainer):
     def get_dataloaders(self):
         if self.seed is None:
             return super().get_dataloaders()
-        with mock.patch.object(nnunet_trainer_module, "NonDetMultiThreadedAugmenter", SeededAugmenter):
+        with nnunet_hooks.trainer_augmenter(SeededAugmenter):
             return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation, its sliding window run by nnScdPredictor (same labels; batched where faster)."""
-        with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", nnScdPredictor):
+        with nnunet_hooks.trainer_predictor(nnScdPredictor):
             super().perform_actual_validation(save_probabilities)
 
     def save_checkpoint(self, filename: str) -> None:

@@ -8,7 +8,7 @@ per-epoch checkpoints, seeding and final-validation predictor as the sparse one,
 network).
 
 Warm start: `nnScd_train ... -tr STPMTAPrimusV3STrainer -pretrained_weights FOLD/checkpoint_final.pth` of a dense
-Primus fold loads every Primus module; only the scorers and MTA start fresh (nnscd.pretrained_weights).
+Primus fold loads every Primus module; only the scorers and MTA start fresh (nnscd.core.pretrained_weights).
 """
 import dataclasses
 
@@ -20,7 +20,7 @@ from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import (AbstractPrim
                                                                      nnUNet_PrimusV3S_Trainer)
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnscd.networks.token_sparse_primus import LIGHT, PRIMUS_TOKEN, SparsePrimusConfig, TokenSparsePrimus
-from nnscd.token_planning import TokenPlan, plan_tokens
+from nnscd.core.token_planning import TokenPlan, plan_tokens
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, equal_compute_schedule,

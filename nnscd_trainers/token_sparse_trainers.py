@@ -9,18 +9,15 @@ gradient clipping (12), fp16 autocast and GradScaler on CUDA, the same autocast 
 one full-resolution output, so deep supervision is off.
 """
 import dataclasses
-import os
-from typing import List
+from typing import List, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnscd.networks.registry import CONFIGS
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
-from nnscd.token_planning import TokenPlan, token_plan_for
+from nnscd.core.token_planning import TokenPlan, token_plan_for
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR,
@@ -52,6 +49,12 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
         return cls.network_config((8, 8, 8)).sparse
 
     @classmethod
+    def pruning(cls) -> Tuple[Tuple[float, ...], int]:
+        """(keep ratios, min tokens) of the STP stages, for the printed token plan."""
+        config = cls.network_config((8, 8, 8))
+        return config.keep_ratios, config.min_tokens
+
+    @classmethod
     def network_config(cls, token_size: List[int]):
         return dataclasses.replace(CONFIGS[cls.network], token_size=tuple(token_size), **cls.config_changes)
 
@@ -60,7 +63,7 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         configuration = configuration_manager.configuration
-        token_size = configuration.get("token_size") or token_plan_for(configuration).token_size
+        token_size = cls.token_plan(configuration).token_size  # the recorded token size, else the rule's
         return TokenSparseSegmenter(num_input_channels, num_output_channels, configuration_manager.patch_size,
                                     cls.network_config(token_size))
 

@@ -85,7 +85,7 @@ def nnunet_env(tmp_path_factory) -> Dict[str, str]:
 
 @pytest.fixture(scope="session")
 def planned_dataset(nnunet_env) -> Path:
-    from nnscd.synthetic import write_synthetic_dataset
+    from nnscd.tools.synthetic import write_synthetic_dataset
 
     raw = write_synthetic_dataset(nnunet_env["nnUNet_raw"], DATASET_ID)
     run_command(["nnScd_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2", "-npfp", "2",

@@ -100,7 +100,8 @@ def test_pruning_rates_logged_every_epoch_printed_and_plotted(trained_3d):
 
     import matplotlib.image
     png = fold_dir / "pruning_progress.png"
-    assert matplotlib.image.imread(str(png)).shape[:2] == (450, 800)
+    height, width = matplotlib.image.imread(str(png)).shape[:2]  # 9 x 4.5 in at 110 dpi, cropped to what it draws
+    assert 400 < height < 560 and 800 < width < 1100
     assert not list(fold_dir.glob(".partial_*")), "plot not written atomically"
 
 
@@ -194,7 +195,7 @@ def test_noprune_trainer_changes_only_the_network(nnunet_env, planned_dataset):
     assert pruned.fg_head is not None and dense.fg_head is None
     assert all(b.attn.dp_gate is None for b in dense.transformer.blocks)
     own = {k: v for k, v in vars(APFormerNoPruneTrainer).items() if not k.startswith("__")}
-    assert set(own) == {"build_network_architecture"}
+    assert set(own) == {"builder"}  # the network builder, nothing else
 
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnscd.benchmark import RESULT_KEYS, main, measure_network
+from nnscd.cli.benchmark import main, parse_args, with_mode
+from nnscd.tools.benchmark_networks import RESULT_KEYS, measure_network
 from nnscd.networks.registry import build_network
 
 BIN = Path(sys.executable).parent
@@ -57,3 +58,12 @@ def test_unknown_network_is_refused_with_the_known_names(capsys):
     with pytest.raises(SystemExit):
         main(["--patch", "16", "16", "16", "--net", "no-such-net", "--device", "cpu"])
     assert "stpmta" in capsys.readouterr().err
+
+
+def test_modes_are_named_and_the_older_spellings_still_work():
+    assert with_mode(["networks", "--patch", "8", "8"]) == ["networks", "--patch", "8", "8"]
+    assert with_mode(["--patch", "8", "8", "--net", "unetr"])[0] == "networks"
+    assert with_mode(["-d", "4", "-c", "3d_fullres", "-tr", "STPMTATrainer"])[0] == "dataset"
+    assert with_mode(["--predict", "-i", "x", "-d", "4"]) == ["predict", "-i", "x", "-d", "4"]
+    args = parse_args(["dataset", "-d", "4", "-c", "3d_fullres", "-tr", "A", "B", "--device", "cpu"])
+    assert args.mode == "dataset" and args.tr == ["A", "B"] and args.warmup == 3

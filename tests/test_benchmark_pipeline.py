@@ -6,8 +6,8 @@ from pathlib import Path
 import matplotlib.image
 
 from conftest import CONFIG, DATASET_ID, TRAINER, run_command
-from nnscd.benchmark import RESULT_KEYS
-from nnscd.benchmark_pipeline import PIPELINE_KEYS
+from nnscd.tools.benchmark_networks import RESULT_KEYS
+from nnscd.tools.benchmark_trainers import PIPELINE_KEYS
 
 
 def test_dataset_mode_times_the_trainer_with_and_without_data_loading(nnunet_env, trained_model, tmp_path):

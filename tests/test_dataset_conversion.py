@@ -3,6 +3,7 @@ converter on the real Hippocampus release."""
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from skimage import io
 from dataset_conversion.btcv import convert_btcv
 from dataset_conversion.isic2018 import convert_isic2018
 from dataset_conversion.msd import convert_msd_dataset
+from nnscd.core.errors import UserError
 
 HIPPOCAMPUS = Path(__file__).parents[2] / "shared/data/Task04_Hippocampus"
 BIN = Path(sys.executable).parent
@@ -102,11 +104,11 @@ def test_msd_4d_multimodal_with_release_quirks(tmp_path, raw):
     verify_dataset_integrity(str(out), num_processes=1)  # nnU-Net accepts it
 
 
-def test_msd_refuses_bad_input_and_never_leaves_a_half_dataset(tmp_path, raw, capsys):
+def test_msd_refuses_bad_input_and_never_leaves_a_half_dataset(tmp_path, raw):
     def refused(task: Path, *expected: str, **kwargs) -> None:
-        with pytest.raises(SystemExit):
+        with pytest.raises(UserError) as refusal:
             convert_msd_dataset(str(task), **kwargs)
-        message = capsys.readouterr().err
+        message = str(refusal.value)
         assert all(e in message for e in expected), message
         assert [p.name for p in raw.iterdir() if p.name != "Dataset005_Prostate"] == []
 
@@ -173,7 +175,7 @@ def write_btcv(root: Path) -> Path:
     return root
 
 
-def test_btcv(tmp_path, raw, capsys):
+def test_btcv(tmp_path, raw):
     root = write_btcv(tmp_path / "btcv")
     out = Path(convert_btcv(str(root), dataset_id=17))
     assert out == raw / "Dataset017_BTCV"
@@ -187,13 +189,11 @@ def test_btcv(tmp_path, raw, capsys):
     assert len(dataset["labels"]) == 14 and dataset["labels"]["liver"] == 6 and dataset["labels"]["left adrenal gland"] == 13
 
     for wrong in (tmp_path, root / "Abdomen/RawData/Training"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UserError, match=re.escape("Abdomen/RawData/{Training/img/imgXXXX.nii.gz")):
             convert_btcv(str(wrong), dataset_id=18)
-        assert "Abdomen/RawData/{Training/img/imgXXXX.nii.gz" in capsys.readouterr().err
     (root / "Abdomen/RawData/Training/label/label0002.nii.gz").unlink()
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="unpaired: img0002.nii.gz"):
         convert_btcv(str(root / "Abdomen"), dataset_id=18)
-    assert "unpaired: img0002.nii.gz" in capsys.readouterr().err
 
 
 def write_isic(root: Path) -> Path:
@@ -211,7 +211,7 @@ def write_isic(root: Path) -> Path:
     return root
 
 
-def test_isic2018(tmp_path, raw, capsys):
+def test_isic2018(tmp_path, raw):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 
@@ -234,10 +234,8 @@ def test_isic2018(tmp_path, raw, capsys):
 
     io.imsave(root / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png",
               np.full((24, 36), 128, np.uint8), check_contrast=False)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="ISIC_0000001_segmentation.png is not an ISIC mask"):
         convert_isic2018(str(root), dataset_id=218)
-    assert "ISIC_0000001_segmentation.png is not an ISIC mask" in capsys.readouterr().err
     assert not (raw / "Dataset218_ISIC2018").exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg"):
         convert_isic2018(str(tmp_path), dataset_id=218)
-    assert "ISIC2018_Task1-2_Training_Input/ISIC_XXXXXXX.jpg" in capsys.readouterr().err

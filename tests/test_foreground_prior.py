@@ -35,7 +35,7 @@ def _network() -> TokenSparseSegmenter:
 def _kept_share(net: nn.Module, image: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad():
         net.eval()(image)
-    return float(kept_foreground_share(net.last_keep_indices, target, [TOKEN] * 3)[0])
+    return float(kept_foreground_share(net.last_keep_indices, target > 0, [TOKEN] * 3)[0])
 
 
 def test_the_prior_teaches_the_scorers_to_keep_the_foreground():

@@ -30,7 +30,7 @@ def test_nnscd_trainer_names_never_collide_with_nnunet():
 
 def test_lookup_finds_nnscd_trainer_as_picklable_class(nnunet_env):
     """nnU-Net's own lookup, through nnUNet_extTrainer, returns the class of the installed package."""
-    code = ("import pickle; from nnscd.paths import settle_environment; settle_environment();"
+    code = ("import pickle; from nnscd.core.paths import settle_environment; settle_environment();"
             "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
             "c = f('nnScdTrainer_cpu'); print(c.__module__); assert pickle.loads(pickle.dumps(c)) is c")
     out = subprocess.run([sys.executable, "-c", code], env=nnunet_env, capture_output=True, text=True, check=True)

@@ -1,10 +1,12 @@
 """The Hippocampus CV protocol's summaries, on tiny fake nnU-Net outputs (no training)."""
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from nnscd.experiments.hippocampus_cv import _busy, markdown, plot, summarise
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "documentation" / "experiments"))  # drivers, not package
+from hippocampus_cv import _busy, markdown, plot, summarise  # noqa: E402
 
 MODEL = "STPMTATrainer_budget__nnScdPlans__3d_fullres"
 
@@ -31,7 +33,7 @@ def test_summary_markdown_and_plot(tmp_path):
         "postprocessing_kwargs": [{"labels_or_regions": 1}]})
     info = {"all_results": {MODEL: 0.475}, "best_model_or_ensemble": {
         "postprocessing_file": str(crossval / "postprocessing.pkl"), "selected_model_or_models": []}}
-    record = {"invocations": ["python -m nnscd.experiments.hippocampus_cv --msd MSD --out OUT"],
+    record = {"invocations": ["python documentation/experiments/hippocampus_cv.py --msd MSD --out OUT"],
               "steps": {"train STPMTATrainer_budget fold 1": {"command": "nnScd_train 4 3d_fullres 1", "wall_s": 60.0,
                                                               "load_average_1min": 2.1}},
               "epochs_s": {"STPMTATrainer_budget": {"1": 55.0}},

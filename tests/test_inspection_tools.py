@@ -11,10 +11,12 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DATASET, run_command
-from nnscd.attention_ablation import ablated_decoder
+from nnscd.tools.attention_ablation import ablated_decoder
 from nnscd.networks.soft_topk import num_kept
 from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
-from nnscd.token_maps import kept_voxels, require_pruning, require_token_sparse
+from nnscd.core.errors import UserError
+from nnscd.tools.token_maps import kept_voxels
+from nnscd.tools.trained_models import require_pruning, require_token_sparse
 
 TRAINER, PLANS, CONFIG = "STPMTATrainer_cpu", "nnScdPlans", "3d_fullres"
 FOLD = "3"  # the fold conftest.trained_stpmta trains
@@ -64,17 +66,17 @@ def test_kept_voxels_follow_the_c_order_token_grid():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_pruning_and_network_checks_fail_with_the_trainers_to_use(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_pruning_and_network_checks_fail_with_the_trainers_to_use():
+    with pytest.raises(UserError) as refused:
         require_pruning(TokenSparseSegmenter(1, 2, (16, 16, 16), TokenSparseConfig(prune_after=(), keep_ratios=())),
                         "UNETRTrainer")
-    message = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "dense" in message and "STPMTATrainer" in message
+    message = str(refused.value)
+    assert "dense" in message and "STPMTATrainer" in message
     assert "UNETRTrainer" not in message.split("prunes:")[1]  # only trainers that prune are offered
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError) as refused:
         require_token_sparse(torch.nn.Conv3d(1, 2, 3), "nnScdTrainer", "nnScd_attention_ablation")
-    message = capsys.readouterr().err
+    message = str(refused.value)
     assert "TokenSparseSegmenter" in message and "UNETRTrainer" in message and "STPMTATrainer" in message
 
 
@@ -196,7 +198,7 @@ def test_central_tile_pads_a_case_smaller_than_the_patch():
     from types import SimpleNamespace
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnscd.token_maps import central_tile
+    from nnscd.tools.token_maps import central_tile
 
     predictor = nnUNetPredictor(device=torch.device("cpu"))
     predictor.configuration_manager = SimpleNamespace(patch_size=[8, 8, 8])

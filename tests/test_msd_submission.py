@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnscd.msd_submission import write_submission
+from nnscd.tools.msd_submission import write_submission
 
 HIPPOCAMPUS = Path(__file__).parents[2] / "shared/data/Task04_Hippocampus"
 BIN = Path(sys.executable).parent

@@ -13,8 +13,8 @@ from conftest import CONFIG, DATASET_ID, run_command
 
 def _predictors(model: Path, fold: int, mirroring: bool):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnscd.paths import settle_environment
-    from nnscd.predictor import nnScdPredictor
+    from nnscd.core.paths import settle_environment
+    from nnscd.core.predictor import nnScdPredictor
 
     settle_environment()  # registers nnscd's trainers for nnU-Net's lookup by name
     made = []
@@ -122,7 +122,7 @@ def test_forward_batch_follows_plans_and_environment(trained_model, monkeypatch)
 
 def test_cpu_bf16_runs_the_network_in_bf16_and_agrees_with_nnunets_fp32_labels(trained_model, planned_dataset,
                                                                                 monkeypatch):
-    from nnscd.predictor import cpu_has_bf16
+    from nnscd.core.predictor import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions PyTorch uses")
@@ -155,7 +155,7 @@ def test_bad_predictor_variable_stops_nnscd_predict_before_any_output(nnunet_env
 
 
 def test_cpu_bf16_on_a_cpu_without_bf16_names_the_variable_to_unset(monkeypatch):
-    from nnscd import predictor
+    from nnscd.core import predictor
 
     monkeypatch.setattr(predictor, "cpu_has_bf16", lambda: False)
     monkeypatch.setenv("nnScd_cpu_bf16", "1")

@@ -35,7 +35,7 @@ def asarray_then_die(array, *args, urlpath=None, **kwargs):
 
 blosc2.asarray = asarray_then_die
 if __name__ == "__main__":
-    from nnscd.commands import preprocess
+    from nnscd.cli.nnunet_commands import preprocess
     preprocess()
 '''
 
@@ -55,7 +55,7 @@ def write_then_die(image, path, *args):
 
 sitk.WriteImage = write_then_die
 if __name__ == "__main__":
-    from nnscd.commands import predict
+    from nnscd.cli.nnunet_commands import predict
     predict()
 '''
 
@@ -97,7 +97,7 @@ def test_preprocessing_write_killed_half_way_leaves_no_listed_case(nnunet_env, p
     """In-process: nnU-Net's preprocessor lists a case whose segmentation was cut off; nnscd's lists none."""
     import blosc2
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnscd.atomic_preprocessor import nnScdPreprocessor
+    from nnscd.core.atomic_preprocessor import nnScdPreprocessor
 
     args = _case_args(Path(nnunet_env["nnUNet_preprocessed"]) / DATASET, planned_dataset, "case_000")
     asarray = blosc2.asarray
@@ -123,7 +123,7 @@ def test_preprocessing_write_killed_half_way_leaves_no_listed_case(nnunet_env, p
 
 
 def test_preprocessing_killed_mid_dataset_then_rerun(nnunet_env, planned_dataset, tmp_path):
-    from nnscd.input_checks import check_training_setup
+    from nnscd.checks.input_checks import check_training_setup
     from nnscd_trainers import nnScdTrainer_cpu
 
     # a 4-case copy of the session dataset, so the shared one is never left half-preprocessed

@@ -139,7 +139,7 @@ BAD_DATASETS = {
 
 @pytest.mark.parametrize("name", list(BAD_DATASETS))
 def test_bad_dataset_is_reported(name, tmp_path):
-    from nnscd.input_checks import check_raw_dataset
+    from nnscd.checks.input_checks import check_raw_dataset
 
     folder = make_dataset(tmp_path)
     assert check_raw_dataset(str(folder)) == []
@@ -154,7 +154,7 @@ def test_bad_dataset_is_reported(name, tmp_path):
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_intensities_are_reported(value, tmp_path):
     """.nrrd keeps NaN/inf (SimpleITK reads them in a NIfTI file as 0, so nnU-Net never sees them there)."""
-    from nnscd.input_checks import check_raw_dataset
+    from nnscd.checks.input_checks import check_raw_dataset
 
     folder = make_dataset(tmp_path, ending=".nrrd")
     rewrite(folder / f"{IMG}.nrrd", set_value(value))
@@ -164,7 +164,7 @@ def test_non_finite_intensities_are_reported(value, tmp_path):
 
 
 def test_all_problems_in_one_message(tmp_path):
-    from nnscd.input_checks import MAX_REPORTED, check_raw_dataset, describe
+    from nnscd.checks.input_checks import MAX_REPORTED, check_raw_dataset, describe
 
     folder = make_dataset(tmp_path, cases=12)
     for i in range(12):  # one problem per case, more than one message lists
@@ -177,7 +177,7 @@ def test_all_problems_in_one_message(tmp_path):
 
 def _training_problems(configuration=CONFIG, fold="0", trainer=TRAINER, plans="nnUNetPlans", resume=False):
     import nnscd_trainers
-    from nnscd.input_checks import check_training_setup
+    from nnscd.checks.input_checks import check_training_setup
 
     return check_training_setup(str(DATASET_ID), configuration, fold, getattr(nnscd_trainers, trainer), plans, resume)
 
@@ -202,8 +202,9 @@ def extra_plans(nnunet_env, planned_dataset):
 
 
 def test_training_setup_problems(nnunet_env, planned_dataset, extra_plans, capsys):
-    from nnscd.commands import check_trainer_name
-    from nnscd.paths import settle_environment
+    from nnscd.checks.trainer_names import find_trainer
+    from nnscd.core.errors import UserError
+    from nnscd.core.paths import settle_environment
 
     assert _training_problems() == []
     cases = {
@@ -227,9 +228,9 @@ def test_training_setup_problems(nnunet_env, planned_dataset, extra_plans, capsy
         assert len(problems) == 1 and expected in problems[0], (name, problems)
         RECORD[name] = problems[0]
     settle_environment()  # registers nnscd's trainers with nnU-Net's lookup, as every nnScd_ command does
-    with pytest.raises(SystemExit):
-        check_trainer_name("STPMTATrainer_typo")
-    RECORD["unknown trainer"] = capsys.readouterr().err.strip()
+    with pytest.raises(UserError) as refused:
+        find_trainer("STPMTATrainer_typo")
+    RECORD["unknown trainer"] = f"nnscd: error: {refused.value}"
     assert "unknown trainer 'STPMTATrainer_typo'" in RECORD["unknown trainer"]
 
 
@@ -262,7 +263,7 @@ def model_folder(nnunet_env, planned_dataset, tmp_path) -> Path:
 
 
 def _prediction_problems(inputs: Path, model: Path, folds: List[str] = ("0",)) -> List[str]:
-    from nnscd.input_checks import check_prediction_input
+    from nnscd.checks.input_checks import check_prediction_input
 
     return check_prediction_input(str(inputs), str(model), list(folds))
 
@@ -303,16 +304,16 @@ def test_prediction_input_problems(model_folder, tmp_path):
 
 @pytest.mark.parametrize("name", ["empty prediction input folder", "output folder equal to the input folder"])
 def test_prediction_folders_refused(name, tmp_path, capsys):
-    from nnscd.commands import _check_prediction_folders
+    from nnscd.cli.nnunet_commands import check_prediction_folders
+    from nnscd.core.errors import UserError
 
     inputs = tmp_path / "in"
     inputs.mkdir()
     if name.startswith("output"):
         write_image(inputs / "case_0000.nii.gz", np.zeros(SHAPE, np.float32))
-    with pytest.raises(SystemExit) as stop:
-        _check_prediction_folders(str(inputs), str(inputs if name.startswith("output") else tmp_path / "out"))
-    assert stop.value.code != 0
-    RECORD[name] = capsys.readouterr().err.strip().removeprefix("nnscd: error: ")
+    with pytest.raises(UserError) as refused:
+        check_prediction_folders(str(inputs), str(inputs if name.startswith("output") else tmp_path / "out"))
+    RECORD[name] = str(refused.value)
     assert str(inputs) in RECORD[name]
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nnscd.safe_io import atomic_path
+from nnscd.core.safe_io import atomic_path
 
 
 def test_atomic_path_publishes_only_complete_files(tmp_path):
@@ -20,7 +20,7 @@ def test_atomic_path_publishes_only_complete_files(tmp_path):
 
 def test_atomic_plans_manager_writes_segmentations_atomically(tmp_path, monkeypatch):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnscd.atomic_plans_manager import AtomicWritePlansManager
+    from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
 
     rw = AtomicWritePlansManager({"image_reader_writer": "SimpleITKIO"}).image_reader_writer_class()
     props = {"sitk_stuff": {"spacing": (1, 1, 1), "origin": (0, 0, 0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)},

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import DATASET
-from nnscd.token_planning import TOKEN_BUDGET, plan_tokens, token_plan_for
+from nnscd.core.token_planning import TOKEN_BUDGET, plan_tokens, token_plan_for
 
 
 @pytest.mark.parametrize("patch, spacing, tokens", [
@@ -42,3 +42,14 @@ def test_plan_and_preprocess_writes_nnscd_plans_beside_untouched_nnunet_plans(nn
     c = ours["configurations"]["3d_fullres"]
     assert ours["plans_name"] == "nnScdPlans" and c["token_size"] == [8, 8, 8] and c["patch_size"] == [32, 32, 32]
     assert c["data_identifier"] == nnunet["configurations"]["3d_fullres"]["data_identifier"]  # same preprocessed data
+
+
+def test_printed_plan_uses_each_trainers_own_keep_ratios():
+    from nnscd.core.token_planning import describe_token_plans
+    from nnscd_trainers.token_sparse_trainers import STPMTATrainer, STPMTATrainer_paper
+
+    plans = {"configurations": {"3d_fullres": {"patch_size": [40, 56, 40], "token_size": [8, 8, 8],
+                                               "batch_size": 7}}}
+    table = describe_token_plans(plans, {t.__name__: t.pruning() for t in (STPMTATrainer, STPMTATrainer_paper)})
+    assert "STPMTATrainer (keep 0.5 x 0.5)" in table and "STPMTATrainer_paper (keep 0.25 x 0.25 x 0.25)" in table
+    assert "175 -> 88 -> 44" in table and "175 -> 44 -> 11 -> 4" in table

@@ -11,7 +11,7 @@ import nnscd.networks.token_sparse_primus as sparse_primus
 from nnscd.networks.flop_model import sparse_primus_flop_breakdown, sparse_primus_forward_flops
 from nnscd.networks.registry import build_network, modelled_forward_flops
 from nnscd.networks.token_sparse_primus import SparsePrimusConfig, TokenSparsePrimus, live_rope
-from nnscd.pretrained_weights import load_pretrained_weights
+from nnscd.core.pretrained_weights import load_pretrained_weights
 
 PATCH = (32, 32, 32)  # 4 x 4 x 4 = 64 tokens
 KEEP_ALL_NO_MTA = SparsePrimusConfig(keep_ratios=(1.0, 1.0), mta=False)
@@ -209,7 +209,7 @@ def test_a_patch_primus_cannot_take_is_refused_before_training_and_the_sparse_tr
     from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_PrimusV3S_Trainer
 
     from conftest import CONFIG, DATASET
-    from nnscd.input_checks import _network_problems
+    from nnscd.checks.input_checks import _network_problems
     from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer
 
     preprocessed = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET

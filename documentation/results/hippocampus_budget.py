@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from nnscd.experiments.hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference
-from nnscd.paths import settle_environment
+from nnscd.core.paths import settle_environment
 
 DATASET = "Dataset004_Hippocampus"
 UNET = "nnScdTrainer_budget"

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnscd.benchmark_pipeline import agreement
-from nnscd.paths import TRAINER_LOOKUP_FOLDER
+from nnscd.tools.benchmark_trainers import agreement
+from nnscd.core.paths import TRAINER_LOOKUP_FOLDER
 
 BIN = Path(sys.executable).parent
 

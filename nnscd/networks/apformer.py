@@ -30,35 +30,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nnscd.networks.layers import ConvBlock, Mlp, conv_ops, gather_tokens, scatter_tokens
+
 BOTTLENECK_STRIDE = 8  # three stride-2 stages
 
 
-def _conv_ops(dim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
-    if dim not in (2, 3):
-        raise ValueError(f"APFormer is 2D or 3D; got a patch size with {dim} axes")
-    return (nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d) if dim == 2 else (
-        nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)
-
-
 # ---------------------------------------------------------------------------------------------- CNN parts
-
-class ConvBlock(nn.Sequential):
-    """Two (conv 3 -> instance norm -> leaky ReLU); the first conv may downsample by its stride."""
-
-    def __init__(self, dim: int, in_ch: int, out_ch: int, stride: int = 1):
-        conv, _, norm = _conv_ops(dim)
-        super().__init__(
-            conv(in_ch, out_ch, 3, stride, 1), norm(out_ch, affine=True), nn.LeakyReLU(0.01, inplace=True),
-            conv(out_ch, out_ch, 3, 1, 1), norm(out_ch, affine=True), nn.LeakyReLU(0.01, inplace=True),
-        )
-
 
 class UpBlock(nn.Module):
     """Transposed-conv upsampling by 2, concatenation with the encoder skip, ConvBlock."""
 
     def __init__(self, dim: int, in_ch: int, skip_ch: int, out_ch: int):
         super().__init__()
-        _, up, _ = _conv_ops(dim)
+        _, up, _ = conv_ops(dim)
         self.up = up(in_ch, out_ch, 2, 2)
         self.conv = ConvBlock(dim, out_ch + skip_ch, out_ch)
 
@@ -202,16 +186,6 @@ class GRPEAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- transformer
 
-class Mlp(nn.Sequential):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-
-def _take(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, N, C) at idx (B, K) -> (B, K, C)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block over the queries in idx (None: all); queries with rows False pass unchanged."""
 
@@ -226,13 +200,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, grid: RelativeGrid, idx: Tensor | None,
                 rows: Tensor | None) -> tuple[Tensor, AttnAux]:
         n = self.norm1(x)                                                                      # keys: every position
-        xq, nq = (x, n) if idx is None else (_take(x, idx), _take(n, idx))                     # (B, K, C)
+        xq, nq = (x, n) if idx is None else (gather_tokens(x, idx), gather_tokens(n, idx))     # (B, K, C)
         a, aux = self.attn(nq, n, grid, idx, rows)
         h = xq + a
         h = h + self.mlp(self.norm2(h))
         if rows is not None:
             h = torch.where(rows[..., None], h, xq)                                            # pruned: identity
-        return (h if idx is None else x.scatter(1, idx[..., None].expand_as(h), h)), aux
+        return (h if idx is None else scatter_tokens(x, idx, h)), aux
 
 
 class PrunedTransformer(nn.Module):
@@ -289,7 +263,7 @@ class APFormer(nn.Module):
                  qp_threshold: float = 0.9, enable_pruning: bool = True):
         super().__init__()
         self.patch_size, dim = tuple(patch_size), len(patch_size)
-        conv, _, _ = _conv_ops(dim)
+        conv, _, _ = conv_ops(dim)
         for axis, side in enumerate(self.patch_size):
             if side % BOTTLENECK_STRIDE:
                 raise ValueError(

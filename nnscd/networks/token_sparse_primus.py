@@ -32,8 +32,9 @@ from timm.layers import RotaryEmbeddingCat, apply_keep_indices_nlc
 from timm.models.eva import EvaBlock
 from torch import Tensor, nn
 
+from nnscd.networks.layers import gather_tokens, scatter_tokens
 from nnscd.networks.soft_topk import ESTIMATORS
-from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet, gather_tokens
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet
 
 PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
 # Primus' sizes (the table PrimusV3X itself reads), and nnscd's light one: the small ViT's width and depth, a size
@@ -165,11 +166,11 @@ class PrimusTokenCompletion(nn.Module):
 # 4. the network
 # ---------------------------------------------------------------------------------------------------------------
 
-def scatter_tokens(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
+def merge_token_sets(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
     """Token sets whose positions partition 0..L-1 -> one (B, L, D) sequence in spatial order."""
     x = torch.cat([s.features for s in sources], dim=1)
-    index = torch.cat([s.positions for s in sources], dim=1).unsqueeze(-1).expand_as(x)
-    return x.new_zeros(x.shape[0], num_tokens, x.shape[2]).scatter(1, index, x)
+    positions = torch.cat([s.positions for s in sources], dim=1)
+    return scatter_tokens(x.new_zeros(x.shape[0], num_tokens, x.shape[2]), positions, x)
 
 
 class TokenSparsePrimus(PrimusV3):
@@ -221,8 +222,7 @@ class TokenSparsePrimus(PrimusV3):
                 live, dropped = self.stages[self.config.prune_after.index(number)](live)
                 if path is not None:
                     dropped = dropped._replace(weights=gather_tokens(path, dropped.positions) * dropped.weights)
-                    path = path.scatter(1, live.positions.unsqueeze(-1),
-                                        gather_tokens(path, live.positions) * live.weights)
+                    path = scatter_tokens(path, live.positions, gather_tokens(path, live.positions) * live.weights)
                 pruned.append(dropped)
                 kept_positions.append(live.positions)
                 live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
@@ -239,7 +239,7 @@ class TokenSparsePrimus(PrimusV3):
         # eva.norm per token, then the soft indicators (after the norm, which would cancel them)
         normed = [s._replace(features=self.eva.norm(s.features) * (1 if s.weights is None else s.weights))
                   for s in sources]
-        sequence = scatter_tokens(normed, L)  # (B, L, D)
+        sequence = merge_token_sets(normed, L)  # (B, L, D)
         if self.mta is not None:
             sequence = sequence + self.mta(sources, L)
         return self.up_projection(sequence.transpose(1, 2).reshape(B, D, *grid))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import Tensor, nn
 
+from nnscd.networks.layers import ConvBlock, Mlp, conv_ops, gather_tokens, scatter_tokens
 from nnscd.networks.soft_topk import ESTIMATORS, num_kept, soft_topk, standardise
 
 DECODERS = ("unetr", "light")
@@ -145,15 +146,6 @@ def patch_embedding(in_channels: int, config: TokenSparseConfig, token_size: Seq
     return stem
 
 
-def conv_ops(ndim: int):
-    """(Conv, ConvTranspose, InstanceNorm) classes for 2D or 3D."""
-    if ndim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
-    if ndim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
-    raise ValueError(f"patches must be 2D or 3D, got {ndim} axes")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 2. ViT parts
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,11 +189,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
-class Mlp(nn.Sequential):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block (LayerNorm runs in fp32 under autocast). `layer_scale` > 0: each residual
     branch is scaled per channel by timm's LayerScale, initialised to that value (Primus: 0.1), so a deep stack
@@ -227,11 +214,6 @@ class TokenSet(NamedTuple):
     features: Tensor  # (B, n, D)
     positions: Tensor  # (B, n) int64: each token's index in the full, spatially ordered sequence
     weights: Optional[Tensor] = None  # (B, n, 1) soft indicator the features were scaled by (training only)
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """(B, L, D), (B, n) -> (B, n, D)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class TokenScorer(nn.Module):
@@ -334,8 +316,7 @@ class TokenAssembly(nn.Module):
         feats = [proj(norm(s.features)) for norm, proj, s in zip(self.norms, self.projs, sources)]
         x = torch.cat([f + e.to(f.dtype) for f, e in zip(feats, self.source_embed)], dim=1)  # (B, L, W)
         positions = torch.cat([s.positions for s in sources], dim=1)  # (B, L), a permutation of 0..L-1
-        index = positions.unsqueeze(-1).expand_as(x)
-        return x.new_zeros(x.shape[0], num_tokens, x.shape[2]).scatter(1, index, x)
+        return scatter_tokens(x.new_zeros(x.shape[0], num_tokens, x.shape[2]), positions, x)
 
 
 class MultiLayerTokenAssembly(nn.Module):
@@ -360,13 +341,6 @@ class MultiLayerTokenAssembly(nn.Module):
 # 5. decoders: (image, per-tap token maps (B, D, *grid), shallowest first) -> logits
 # ---------------------------------------------------------------------------------------------------------------
 
-def conv_block(ndim: int, cin: int, cout: int) -> nn.Sequential:
-    """Two 3x3(x3) convs, each followed by instance norm and leaky ReLU (nnU-Net's stage)."""
-    Conv, _, Norm = conv_ops(ndim)
-    return nn.Sequential(Conv(cin, cout, 3, padding=1), Norm(cout, affine=True), nn.LeakyReLU(0.01, inplace=True),
-                         Conv(cout, cout, 3, padding=1), Norm(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
-
-
 def up_block(ndim: int, cin: int, cout: int, stride: Sequence[int]) -> nn.Sequential:
     _, ConvT, Norm = conv_ops(ndim)
     return nn.Sequential(ConvT(cin, cout, stride, stride), Norm(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
@@ -383,13 +357,13 @@ class UNETRDecoder(nn.Module):
         ndim, n = len(strides[0]), len(strides)
         Conv, ConvT, _ = conv_ops(ndim)
         ch = [features * 2 ** r for r in range(n)] + [dim]
-        self.image_skip = conv_block(ndim, in_channels, ch[0])
+        self.image_skip = ConvBlock(ndim, in_channels, ch[0])
         self.skips = nn.ModuleList(  # level r = 1 .. n-1
             nn.Sequential(*[up_block(ndim, ch[r] if i else dim, ch[r], strides[i]) for i in range(n - r)])
             for r in range(1, n))
         self.ups = nn.ModuleList(ConvT(ch[r + 1], ch[r], strides[n - 1 - r], strides[n - 1 - r])
                                  for r in reversed(range(n)))  # deepest first
-        self.blocks = nn.ModuleList(conv_block(ndim, 2 * ch[r], ch[r]) for r in reversed(range(n)))
+        self.blocks = nn.ModuleList(ConvBlock(ndim, 2 * ch[r], ch[r]) for r in reversed(range(n)))
         self.head = Conv(ch[0], num_classes, 1)
 
     def forward(self, image: Tensor, maps: Sequence[Tensor]) -> Tensor:

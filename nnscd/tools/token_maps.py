@@ -8,93 +8,21 @@ The network (first checkpoint of `-f`) runs once on it in eval mode, as at infer
 Writes per case `CASE_tokens.png` (one row per pruning stage, a few axial slices through the tile: kept tokens
 tinted, pruned tokens dimmed, the predicted segmentation outlined) and `CASE_tokens.json` (per stage: tokens live
 before it, kept count, kept positions as indices into the token grid flattened in C order).
-
-Also home of what nnScd_attention_ablation shares: loading a trained model as nnU-Net's predictor does, and the
-checks that it is a token-sparse ViT.
 """
 import argparse
-import json
 import os
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnscd.commands import _prepare, fail
-from nnscd.networks.token_sparse_primus import TokenSparsePrimus
-from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
-from nnscd.safe_io import atomic_path
-
-if TYPE_CHECKING:  # nnunetv2 is imported only after the environment is settled
-    from nnscd.predictor import nnScdPredictor
-
-TokenSparseNetwork = Union[TokenSparseSegmenter, TokenSparsePrimus]  # both expose grid, token_size, config, last_keep_indices
+from nnscd.core.errors import UserError
+from nnscd.core.safe_io import atomic_path, write_json
+from nnscd.tools.trained_models import TokenSparseNetwork, load_model, require_pruning
 
 PLOT_COLOURS = ("tab:cyan", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:pink")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading a trained model (shared with nnScd_attention_ablation)
-# ---------------------------------------------------------------------------------------------------------------
-
-def token_sparse_trainers(sparse: Optional[bool] = None, primus: bool = True) -> List[str]:
-    """nnscd's STP+MTA trainers (ViT family, and the Primus family unless primus=False); only pruning ones
-    (sparse=True) or only dense twins (sparse=False)."""
-    import nnscd_trainers
-    from nnscd_trainers.primus_trainers import TokenSparsePrimusTrainer
-    from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer
-
-    families = (TokenSparseTrainer, TokenSparsePrimusTrainer) if primus else (TokenSparseTrainer,)
-    classes = [getattr(nnscd_trainers, name) for name in nnscd_trainers.__all__]
-    return sorted(c.__name__ for c in classes if issubclass(c, families) and sparse in (None, c.prunes()))
-
-
-def require_token_sparse(network: torch.nn.Module, trainer_name: str, tool: str,
-                         primus: bool = True) -> TokenSparseNetwork:
-    """The token-sparse network inside `network` (DDP / torch.compile wrappers removed), or a clear error."""
-    from nnscd_trainers.nnscd_trainer import unwrap
-
-    network = unwrap(network)
-    accepted = (TokenSparseSegmenter, TokenSparsePrimus) if primus else (TokenSparseSegmenter,)
-    if not isinstance(network, accepted):
-        fail(f"{tool} needs a token-sparse network ({' or '.join(a.__name__ for a in accepted)}), but trainer "
-             f"{trainer_name} builds {type(network).__name__}. It works with these trainers: "
-             f"{', '.join(token_sparse_trainers(primus=primus))}.")
-    return network
-
-
-def require_pruning(network: TokenSparseNetwork, trainer_name: str) -> None:
-    """Token maps of a dense twin would be empty: stop and name the trainers that prune."""
-    if not network.config.sparse:
-        fail(f"trainer {trainer_name} builds a dense network (no pruning stages), so no tokens are dropped and "
-             f"there is nothing to draw. Token maps need a trainer that prunes: "
-             f"{', '.join(token_sparse_trainers(sparse=True))}.")
-
-
-def check_model_folder(model_folder: str, folds: Sequence[str], checkpoint: str) -> None:
-    """Name the missing piece before nnU-Net fails on it with a bare FileNotFoundError."""
-    if not os.path.isfile(os.path.join(model_folder, "plans.json")):
-        fail(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
-             f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
-    trained = sorted(f for f in os.listdir(model_folder) if os.path.isfile(os.path.join(model_folder, f, checkpoint)))
-    missing = [f for f in folds if f"fold_{f}" not in trained]
-    if missing:
-        fail(f"no {checkpoint} for fold(s) {', '.join(missing)} in {model_folder}; folds with one: "
-             f"{', '.join(trained) or 'none'} (-f, -chk).")
-
-
-def load_model(model_folder: str, folds: Sequence[str], checkpoint: str, device: str, tool: str,
-               use_mirroring: bool = False, primus: bool = True) -> Tuple["nnScdPredictor", TokenSparseNetwork]:
-    """nnU-Net's predictor for the trained model (nnscd's, with atomic exports) and its token-sparse network."""
-    from nnscd.predictor import nnScdPredictor
-
-    check_model_folder(model_folder, folds, checkpoint)
-    predictor = nnScdPredictor(use_mirroring=use_mirroring, device=torch.device(device),
-                               perform_everything_on_device=device == "cuda", allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
-    return predictor, require_token_sparse(predictor.network, predictor.trainer_name, tool, primus)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,20 +143,16 @@ def case_files(inputs: Sequence[str], file_ending: str, cases: Optional[Sequence
         lists = create_lists_from_splitted_dataset_folder(inputs[0], file_ending, ids, num_processes=1)
         missing = [c for c, files in zip(ids, lists) if not files]
         if not ids or missing:
-            fail(f"no images ending in {file_ending} in {inputs[0]}"
-                 f"{' for case(s) ' + ', '.join(missing) if missing else ''} (-i, --cases).")
+            raise UserError(f"no images ending in {file_ending} in {inputs[0]}"
+                            f"{' for case(s) ' + ', '.join(missing) if missing else ''} (-i, --cases).")
         return list(zip(ids, lists))
     for path in inputs:
         if not (os.path.isfile(path) and path.endswith(file_ending)):
-            fail(f"{path} is neither an image file ending in {file_ending} nor a folder. -i takes one case's "
-                 f"channel files (CASE_0000{file_ending}, CASE_0001{file_ending}, ...) or one folder of cases.")
+            raise UserError(f"{path} is neither an image file ending in {file_ending} nor a folder. -i takes one "
+                            f"case's channel files (CASE_0000{file_ending}, CASE_0001{file_ending}, ...) or one folder "
+                            f"of cases.")
     files = sorted(inputs)
     return [(os.path.basename(files[0])[:-len(file_ending) - 5], files)]
-
-
-def write_json(path: str, content: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(content, f, indent=1)
 
 
 def token_maps(args: argparse.Namespace) -> None:
@@ -244,7 +168,7 @@ def token_maps(args: argparse.Namespace) -> None:
         tile, slicer = central_tile(predictor, data)
         keep_positions, segmentation = run_tile(predictor, network, tile)
         stages = stage_report(network, keep_positions)
-        write_json(os.path.join(args.o, f"{case}_tokens.json"), {
+        write_json(os.path.join(args.o, f"{case}_tokens.json"), indent=1, content={
             "case": case, "image_files": [os.path.abspath(f) for f in files], "model": os.path.abspath(args.m),
             "trainer": predictor.trainer_name, "fold": args.f, "checkpoint": args.chk,
             "preprocessed_shape": list(data.shape[1:]),
@@ -254,32 +178,5 @@ def token_maps(args: argparse.Namespace) -> None:
             "num_tokens": int(np.prod(network.grid)), "stages": stages})
         draw_token_maps(tile[0], segmentation, stages, network.grid, network.token_size,
                         os.path.join(args.o, f"{case}_tokens.png"),
-                        f"{case}: tokens kept by STP ({predictor.trainer_name}, fold {args.f})\n"
-                        f"kept: tinted, pruned: dimmed, prediction: outlined", args.slices)
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nnScd_token_maps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-m", required=True, help="trained model folder TRAINER__PLANS__CONFIGURATION")
-    parser.add_argument("-f", required=True, help="fold whose checkpoint to use (0-4 or all)")
-    parser.add_argument("-i", nargs="+", required=True,
-                        help="one case's channel files (CASE_0000.nii.gz ...), or a folder of cases")
-    parser.add_argument("-o", required=True, help="output folder for CASE_tokens.png and CASE_tokens.json")
-    parser.add_argument("--cases", nargs="+", help="with a folder as -i: only these case ids")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    parser.add_argument("-device", default="cuda", choices=("cpu", "cuda"), help="default cuda, as nnU-Net")
-    parser.add_argument("--slices", type=int, default=4, help="axial slices per stage, 3D only (default 4)")
-    args = parser.parse_args(argv)
-    if args.slices < 1:
-        parser.error("--slices must be at least 1")
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    _prepare(["-device", args.device], takes_device=True)  # settles nnU-Net's environment before its first import
-    token_maps(args)
-
-
-if __name__ == "__main__":
-    main()
+                        f"{case}: tokens kept by STP ({predictor.trainer_name}, fold {args.f})\nkept: tinted, pruned: "
+                        f"dimmed, prediction: outlined", args.slices)

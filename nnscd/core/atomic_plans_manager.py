@@ -3,7 +3,7 @@ from functools import partial
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnscd.safe_io import atomic_path
+from nnscd.core.safe_io import atomic_path
 
 
 class AtomicSegWriter:

@@ -6,11 +6,11 @@ convert -> plan/preprocess (nnScdPlans) -> nnScd_train of every fold with --npz 
 folds -> nnScd_apply_postprocessing -> nnScd_msd_submission. Writes a JSON, a Markdown section and a plot: per-fold
 and cross-validated per-class Dice, what postprocessing (and an ensemble) changed, wall times, machine, commands.
 
-    python -m nnscd.experiments.hippocampus_cv --msd ../shared/data/Task04_Hippocampus --out documentation/results
+    python documentation/experiments/hippocampus_cv.py --msd ../shared/data/Task04_Hippocampus --out documentation/results
 
 The default `STPMTATrainer_budget` is the short CPU schedule (nnscd_trainers BUDGET_SCHEDULE, BUDGET_BATCH); on a GPU
 pass `--trainer STPMTATrainer --device cuda`. Finished steps are skipped when rerun. A fold trained without --npz (as by
-nnscd.experiments.hippocampus) is validated again with --npz; a fold another process is training now (a training log
+documentation/experiments/hippocampus.py) is validated again with --npz; a fold another process is training now (a training log
 written in the last 30 minutes, no validation summary yet) is left to it and waited for at the end.
 """
 import argparse
@@ -26,9 +26,9 @@ from typing import List
 
 import numpy as np
 
-from nnscd.experiments.hippocampus import CONFIG, DATASET, DATASET_ID, LABELS, PLANS, _run
-from nnscd.paths import settle_environment
-from nnscd.safe_io import atomic_path
+from hippocampus import CONFIG, DATASET, DATASET_ID, LABELS, PLANS, _run
+from nnscd.core.paths import settle_environment
+from nnscd.core.safe_io import atomic_path
 
 BUSY_S, POLL_S, WAIT_S = 30 * 60, 60, 40 * 60
 MSD_TASK = "Task04_Hippocampus"
@@ -252,7 +252,7 @@ def markdown(summary: dict) -> str:
     invocations = "; ".join(f"`{i}`" for i in summary["invocations"])
     found = " and ".join(name for step, name in (("convert", "the conversion"), ("plan and preprocess", "planning"))
                          if step not in summary["steps"])
-    found = f" (here {found}, done with the same commands by `nnscd.experiments.hippocampus`)" if found else ""
+    found = f" (here {found}, done with the same commands by `documentation/experiments/hippocampus.py`)" if found else ""
     lines += ["", f"Run as {invocations}. Steps found done are skipped and not listed{found}. Commands in the "
               f"order run, with wall times and the 1-minute load average after each (how busy the machine was):", "",
               "| step | wall s | load | command |", "|---|---|---|---|"]
@@ -320,7 +320,7 @@ def main() -> None:
     trainers, folds = [args.trainer, *([args.ensemble_with] if args.ensemble_with else [])], sorted(args.folds)
     work = results / f"nnscd_cv_{'_'.join(trainers)}"
     record = Record(work / "record.json")
-    record.data.setdefault("invocations", []).append(" ".join(["python -m nnscd.experiments.hippocampus_cv",
+    record.data.setdefault("invocations", []).append(" ".join(["python documentation/experiments/hippocampus_cv.py",
                                                                *sys.argv[1:]]))
 
     if not (raw / "dataset.json").is_file():

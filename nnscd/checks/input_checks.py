@@ -442,7 +442,7 @@ def _network_problems(trainer_class: type, plans: dict, configuration: str, data
     import torch
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnscd.token_planning import apply_token_plan
+    from nnscd.core.token_planning import apply_token_plan
 
     manager = PlansManager(plans)
     resolved = manager.get_configuration(configuration)

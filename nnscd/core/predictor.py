@@ -11,8 +11,8 @@ from tqdm import tqdm
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
-from nnscd.atomic_plans_manager import AtomicWritePlansManager
-from nnscd.benchmark import synchronize
+from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.core.device import synchronize
 
 # Largest forward batch at inference, as a multiple of the plans' training batch: a forward without gradients
 # keeps no activations for backward, so it fits where training fit. Setting `nnScd_predict_batch_factor` fixes the

@@ -5,7 +5,6 @@ image in the task's imagesTs (hippocampus_002.nii.gz). nnU-Net names a predictio
 datasets converted by nnScd_convert_MSD_dataset is the MSD file name without `.nii.gz`, so names carry over.
 Every problem is listed (file and fix) and nothing is written unless all tasks pass.
 """
-import argparse
 import json
 import os
 import re
@@ -16,8 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnscd.commands import fail
-from nnscd.safe_io import atomic_path
+from nnscd.core.safe_io import atomic_path
 
 MSD_TASKS = ("Task01_BrainTumour", "Task02_Heart", "Task03_Liver", "Task04_Hippocampus", "Task05_Prostate",
              "Task06_Lung", "Task07_Pancreas", "Task08_HepaticVessel", "Task09_Spleen", "Task10_Colon")
@@ -108,28 +106,3 @@ def write_submission(tasks: List[Tuple[str, str]], output_zip: str) -> List[str]
         for source, arcname in entries:  # stored: .nii.gz is compressed already
             archive.write(source, arcname)
     return []
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description="Write the Medical Segmentation Decathlon submission zip from nnU-Net predictions, after checking "
-                    "that every test case is predicted, in the test image's geometry, with the task's labels.")
-    parser.add_argument("-i", nargs="+", required=True, metavar="MSD_TASK_FOLDER=PREDICTION_FOLDER",
-                        help="one pair per task: the extracted MSD task (its imagesTs and dataset.json) and the "
-                             "folder of its test predictions, e.g. /data/Task04_Hippocampus=/preds/hippocampus")
-    parser.add_argument("-o", required=True, help="submission zip to write, e.g. submission.zip")
-    args = parser.parse_args()
-    pairs = [pair.split("=", 1) for pair in args.i]
-    if any(len(pair) != 2 for pair in pairs):
-        fail(f"-i takes MSD_TASK_FOLDER=PREDICTION_FOLDER pairs; got {' '.join(args.i)}.")
-    problems = write_submission([(os.path.abspath(t), os.path.abspath(p)) for t, p in pairs], args.o)
-    if problems:
-        fail(f"{len(problems)} problem(s), no zip written:\n" + "\n".join(f"  - {p}" for p in problems))
-    names = {os.path.basename(t.rstrip("/\\")) for t, _ in pairs}
-    print(f"Wrote {args.o}: {len(names)} task(s).")
-    if names != set(MSD_TASKS):
-        print(f"Note: the Decathlon scores all ten tasks; not in this zip: {', '.join(sorted(set(MSD_TASKS) - names))}.")
-
-
-if __name__ == "__main__":
-    main()

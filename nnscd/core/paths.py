@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 DATA_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-TRAINER_LOOKUP_FOLDER = str(Path(__file__).resolve().parent / "trainer_lookup")
+TRAINER_LOOKUP_FOLDER = str(Path(__file__).resolve().parents[1] / "trainer_lookup")  # nnU-Net reads it
 _ANNOUNCED = "NNSCD_ENV_ANNOUNCED"  # inherited by child processes, so the notice appears once per command
 
 

@@ -1,5 +1,5 @@
-"""nnScd_benchmark (network mode): speed, memory and FLOPs of networks side by side, on the same input.
-(`-d DATASET ...` and `--predict ...`: nnscd/benchmark_pipeline.py.)
+"""`nnScd_benchmark networks`: speed, memory and FLOPs of networks side by side, on the same input.
+(Trainers on a dataset: nnscd/tools/benchmark_trainers.py; the two predictors: nnscd/tools/benchmark_predictors.py.)
 
 For each network: training step (forward, backward, AdamW step) and inference (torch.inference_mode) as the
 median of repeats after warm-up, peak memory, forward FLOPs measured by FlopCounterMode and predicted by the
@@ -13,7 +13,6 @@ fresh subprocess (ru_maxrss), so that it is that network's own peak (the interpr
 `measure_network` measures one network end to end on any batch.
 """
 import argparse
-import csv
 import json
 import os
 import resource
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +29,13 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from nnscd.networks.registry import NETWORKS, build_network, modelled_forward_flops
-from nnscd.safe_io import atomic_path
+from nnscd.networks.registry import build_network, modelled_forward_flops
+from nnscd.core.device import synchronize
+from nnscd.core.safe_io import atomic_path, make_parent, write_json
 
 RESULT_KEYS = ("name", "params", "gflops_forward", "gflops_model", "train_step_s", "train_samples_per_s",
                "infer_samples_per_s", "peak_memory_mb")
 Loss = Callable[[Tensor, Tensor], Tensor]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step_fn(net: nn.Module, x: Tensor, target: Tensor, amp: bool, loss_fn: Loss) -> Callable[[], None]:
@@ -160,9 +155,7 @@ def static_in_subprocess(name: str, args: argparse.Namespace) -> dict:
     """Measure one network in a fresh interpreter, so its peak RSS is not any other network's."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "nnscd.benchmark", "--worker", out, "--net", name, "--device", args.device,
-               "--patch", *map(str, args.patch), "--channels", str(args.channels), "--classes", str(args.classes),
-               "--batch", str(args.batch)]
+        cmd = [sys.executable, "-m", "nnscd.tools.benchmark_networks", out, json.dumps({**vars(args), "net": [name]})]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -184,24 +177,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         results.append({"name": name, **static[name], **timings[name],
                         "gflops_model": None if modelled is None else modelled / 1e9})
     return [{k: r[k] for k in RESULT_KEYS} for r in results]
-
-
-def make_parent(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
-def write_json(path: str, report: dict) -> None:
-    make_parent(path)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-
-
-def write_csv(path: str, results: Sequence[dict], fields: Sequence[str] = RESULT_KEYS) -> None:
-    make_parent(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
 
 
 def write_plot(path: str, report: dict) -> None:
@@ -239,12 +214,6 @@ def write_plot(path: str, report: dict) -> None:
     plt.close(fig)
 
 
-def device_description(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def format_table(results: Sequence[dict]) -> str:
     rows = [f"{'network':<22}{'params M':>10}{'GFLOPs':>10}{'model':>10}{'train s':>10}{'train/s':>10}"
             f"{'infer/s':>10}{'peak MB':>10}"]
@@ -256,59 +225,11 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nnScd_benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patch", type=int, nargs="+", required=True, help="patch size, 2 or 3 ints")
-    parser.add_argument("--channels", type=int, default=1, help="input channels")
-    parser.add_argument("--classes", type=int, default=2, help="output classes (with background)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--net", nargs="+", required=True, metavar="NAME",
-                        help=f"networks: {', '.join(sorted(NETWORKS))}")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=10, help="timed repeats (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler, as nnU-Net on CUDA")
-    parser.add_argument("--json", help="write the results as JSON")
-    parser.add_argument("--csv", help="write the results as CSV")
-    parser.add_argument("--plot", help="write a PNG with throughput and FLOPs per network")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: params, FLOPs, peak memory of one network
-    args = parser.parse_args(argv)
-    unknown = [n for n in args.net if n not in NETWORKS]
-    if unknown:
-        parser.error(f"unknown network(s) {unknown}; known: {', '.join(sorted(NETWORKS))}")
-    if len(args.patch) not in (2, 3):
-        parser.error(f"--patch takes 2 or 3 sizes, got {args.patch}")
-    if args.amp and args.device != "cuda":
-        parser.error("--amp is for --device cuda (fp16 autocast is how nnU-Net trains there)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
-    if args.iters < 1 or args.warmup < 0:
-        parser.error("--iters must be >= 1 and --warmup >= 0")
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-d" in argv or "--predict" in argv:  # dataset and predict modes: nnscd.benchmark_pipeline
-        from nnscd.benchmark_pipeline import main as pipeline_main
-        return pipeline_main(argv)
-    args = parse_args(argv)
-    if args.worker:
-        result = static_in_process(args.net[0], args)
-        with atomic_path(args.worker) as tmp, open(tmp, "w") as f:
-            json.dump(result, f)
-        return
-    results = run_benchmark(args)
-    report = {"device": device_description(args.device), "torch": torch.__version__, "patch_size": args.patch,
-              "batch_size": args.batch, "results": results}
-    print(format_table(results))
-    if args.json:
-        write_json(args.json, report)
-    if args.csv:
-        write_csv(args.csv, results)
-    if args.plot:
-        write_plot(args.plot, report)
+def _worker(out: str, namespace: str) -> None:
+    """In a fresh interpreter: params, FLOPs and peak memory of one network (the arguments as JSON)."""
+    args = argparse.Namespace(**json.loads(namespace))
+    write_json(out, static_in_process(args.net[0], args))
 
 
 if __name__ == "__main__":
-    main()
+    _worker(*sys.argv[1:])

@@ -7,7 +7,7 @@ and is evaluated with nnU-Net's metrics. Writes a JSON and a Markdown table: per
 difference of each sparse trainer against its dense twin (mean and 95% t-interval), the attention ablation's Dice drop (token-sparse ViTs), APFormer's
 pruning rates, forward GFLOPs per tile on real cases (eval mode, so pruning counts), wall times.
 
-    python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus --out documentation/results
+    python documentation/experiments/hippocampus.py --msd ../shared/data/Task04_Hippocampus --out documentation/results
 
 Finished steps are skipped when rerun (trained folds, predictions, ablations), so an interrupted run continues.
 """
@@ -23,8 +23,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnscd.paths import settle_environment
-from nnscd.safe_io import atomic_path
+from nnscd.core.paths import settle_environment
+from nnscd.core.safe_io import atomic_path
 
 DATASET_ID, DATASET = "4", "Dataset004_Hippocampus"
 CONFIG, PLANS, FOLD = "3d_fullres", "nnScdPlans", "0"
@@ -87,9 +87,9 @@ def gflops_per_tile(model: Path, images: List[Path]) -> float:
     """Mean forward GFLOPs of the trained network on the central tile of each case (eval mode, as at inference:
     APFormer's query pruning depends on the image)."""
     import torch
-    from nnscd.benchmark import forward_flops
-    from nnscd.predictor import nnScdPredictor
-    from nnscd.token_maps import central_tile
+    from nnscd.tools.benchmark_networks import forward_flops
+    from nnscd.core.predictor import nnScdPredictor
+    from nnscd.tools.token_maps import central_tile
 
     predictor = nnScdPredictor(device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), (int(FOLD),), "checkpoint_final.pth")
@@ -190,7 +190,7 @@ def summarise(work: Path, record: dict, trainers: List[str]) -> dict:
     return {"dataset": DATASET, "configuration": CONFIG, "plans": PLANS, "fold": int(FOLD),
             "schedule_epochs_iterations_val": list(BUDGET_SCHEDULE), "batch_size": BUDGET_BATCH,
             "machine": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, CPU only",
-            "command": "python -m nnscd.experiments.hippocampus --msd ../shared/data/Task04_Hippocampus "
+            "command": "python documentation/experiments/hippocampus.py --msd ../shared/data/Task04_Hippocampus "
                        "--out documentation/results", "trainers": rows}
 
 

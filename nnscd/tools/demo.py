@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from nnscd.paths import settle_environment
+from nnscd.core.paths import settle_environment
 
 DEMO_TRAINER = "STPMTATrainer_demo"
 PLANS = "nnScdPlans"  # token-aware plans written by nnScd_plan_and_preprocess
@@ -33,16 +33,11 @@ def _dice_per_class(summary_file: str, labels: Dict[str, int]) -> Dict[str, floa
     return {names[k]: v["Dice"] for k, v in per_class.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-id", type=int, default=990, help="nnU-Net dataset id to write (default 990)")
-    parser.add_argument("-tr", default=DEMO_TRAINER, help=f"trainer to train (default {DEMO_TRAINER})")
-    parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    args = parser.parse_args()
+def run_demo(args: argparse.Namespace) -> bool:
+    """Write the synthetic dataset, plan, train, predict and print Dice; whether every Dice reached MIN_DICE."""
     started = time.time()
-
     settle_environment(cpu=args.device == "cpu")
-    from nnscd.synthetic import LABELS, write_synthetic_dataset
+    from nnscd.tools.synthetic import LABELS, write_synthetic_dataset
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
 
     raw = write_synthetic_dataset(os.environ["nnUNet_raw"], args.dataset_id)
@@ -67,8 +62,5 @@ def main() -> None:
     if worst < MIN_DICE:
         print(f"nnscd: Dice {worst:.3f} is below {MIN_DICE}: the model did not learn; see the training log in "
               f"{model / 'fold_0'}", file=sys.stderr)
-        raise SystemExit(1)
+    return worst >= MIN_DICE
 
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,6 @@
 Small enough to plan, train and predict in minutes on a CPU, hard enough that only a trained model finds both
 classes (the intensities overlap the noise, so thresholding alone does not separate them).
 """
-import json
 import os
 from typing import Tuple
 
@@ -11,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnscd.safe_io import atomic_path
+from nnscd.core.safe_io import atomic_path, write_json
 
 LABELS = {"background": 0, "ball": 1, "box": 2}
 
@@ -62,6 +61,5 @@ def write_synthetic_dataset(raw_folder: str, dataset_id: int, name: str = "Nnscd
     dataset_json = {"channel_names": {"0": "synthetic"}, "labels": LABELS, "numTraining": num_train,
                     "file_ending": ".nii.gz", "name": name,
                     "description": "nnscd synthetic demo: a ball (1) and a box (2) in Gaussian noise"}
-    with atomic_path(os.path.join(folder, "dataset.json")) as tmp, open(tmp, "w") as f:
-        json.dump(dataset_json, f, indent=2)
+    write_json(os.path.join(folder, "dataset.json"), dataset_json)
     return folder

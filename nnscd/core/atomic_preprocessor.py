@@ -4,7 +4,7 @@ import shutil
 
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-from nnscd.safe_io import PARTIAL_PREFIX
+from nnscd.core.safe_io import PARTIAL_PREFIX
 
 
 class nnScdPreprocessor(DefaultPreprocessor):

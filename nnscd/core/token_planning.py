@@ -18,10 +18,10 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from nnscd.networks.soft_topk import num_kept
-from nnscd.safe_io import atomic_path
+from nnscd.core.safe_io import write_json
 
 TOKEN_SIZE = 8
 TOKEN_BUDGET = 8192  # tokens per batch; ViT-B at 8^3 tokens of a 96^3 patch: 1728 tokens/sample -> batch 4
@@ -70,33 +70,47 @@ def token_plan_for(configuration: dict, token_size: int = TOKEN_SIZE) -> TokenPl
                        token_size, tokens=configuration.get("token_size"))
 
 
-def write_token_plans(preprocessed_dataset_folder: str, source_plans: str = "nnUNetPlans",
+Planner = Callable[[dict], TokenPlan]  # a trainer's `token_plan` classmethod: resolved configuration -> plan
+
+
+def write_token_plans(preprocessed_dataset_folder: str, planner: Planner, source_plans: str = "nnUNetPlans",
                       target_plans: str = PLANS_NAME) -> str:
-    """Write `target_plans`.json: `source_plans` with a token plan in every configuration that has a patch."""
+    """Write `target_plans`.json: `source_plans` with `planner`'s plan in every configuration that has a patch.
+
+    The planner is the trainer's own `token_plan` hook, so the plans file and the training agree by construction."""
     with open(os.path.join(preprocessed_dataset_folder, f"{source_plans}.json")) as f:
         plans = json.load(f)
     token_plans = copy.deepcopy(plans)
     token_plans["plans_name"] = target_plans
     for name, configuration in token_plans["configurations"].items():
         if "patch_size" in configuration:  # configurations that inherit it get it from their parent
-            apply_token_plan(configuration, token_plan_for(configuration))
+            apply_token_plan(configuration, planner(configuration))
     target = os.path.join(preprocessed_dataset_folder, f"{target_plans}.json")
-    with atomic_path(target) as tmp, open(tmp, "w") as f:
-        json.dump(token_plans, f, indent=4)
+    write_json(target, token_plans, indent=4)
     return target
 
 
-def describe_token_plans(plans: dict, keep_ratios: Sequence[float] = (0.5, 0.5), min_tokens: int = 4) -> str:
-    """A table of patch, token size, token grid and live tokens after each pruning stage, per configuration."""
-    lines = [f"{'configuration':<22}{'patch':<16}{'token':<12}{'grid':<14}{'batch':>6}  tokens per stage "
-             f"(keep {' x '.join(str(k) for k in keep_ratios)})"]
+def live_tokens(num_tokens: int, keep_ratios: Sequence[float], min_tokens: int) -> List[int]:
+    """Live tokens per sample before the first pruning stage and after each (ratios compound)."""
+    live = [num_tokens]
+    for keep in keep_ratios:
+        live.append(num_kept(live[-1], keep, min_tokens))
+    return live
+
+
+def describe_token_plans(plans: dict, pruning: Dict[str, Tuple[Sequence[float], int]]) -> str:
+    """A table of patch, token size, token grid and batch per configuration, and the live tokens per sample after
+    each pruning stage of each trainer in `pruning` ({trainer name: (keep ratios, min tokens)})."""
+    columns = [f"{trainer} (keep {' x '.join(map(str, keep))})" for trainer, (keep, _) in pruning.items()]
+    lines = [f"{'configuration':<22}{'patch':<16}{'token':<12}{'grid':<14}{'batch':>6}" +
+             "".join(f"  {c}" for c in columns)]
     for name, configuration in plans["configurations"].items():
         if "token_size" not in configuration:
             continue
         plan = TokenPlan(configuration["patch_size"], configuration["token_size"], configuration["batch_size"])
-        live = [plan.num_tokens]
-        for keep in keep_ratios:
-            live.append(num_kept(live[-1], keep, min_tokens))
+        stages = [" -> ".join(map(str, live_tokens(plan.num_tokens, keep, minimum)))
+                  for keep, minimum in pruning.values()]
         lines.append(f"{name:<22}{'x'.join(map(str, plan.patch_size)):<16}{'x'.join(map(str, plan.token_size)):<12}"
-                     f"{'x'.join(map(str, plan.grid)):<14}{plan.batch_size:>6}  {' -> '.join(map(str, live))}")
+                     f"{'x'.join(map(str, plan.grid)):<14}{plan.batch_size:>6}" +
+                     "".join(f"  {s:<{len(c)}}" for s, c in zip(stages, columns)).rstrip())
     return "\n".join(lines)

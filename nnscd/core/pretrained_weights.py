@@ -3,7 +3,7 @@
 nnunetv2's `load_pretrained_weights` demands every weight of the network (but segmentation layers) in the
 checkpoint. A `TokenSparsePrimus` warm-started from a dense Primus fold holds all of Primus' modules and adds
 scorers and MTA, which it names in `fresh_modules`; this loader lets exactly those start fresh and says so. Any
-other network goes to nnU-Net's loader unchanged. nnScd_train installs it for the run (nnscd.commands).
+other network goes to nnU-Net's loader unchanged. nnScd_train installs it for the run (nnscd.cli.nnunet_commands).
 """
 from typing import Sequence
 
@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
+from nnscd.core.device import unwrap
 
 
 def load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False) -> None:
     """nnU-Net's contract (same names, same shapes, else an error naming the file), with `fresh_modules` exempt."""
-    module = getattr(network, "module", network)  # DDP
-    module = getattr(module, "_orig_mod", module)  # torch.compile
+    module = unwrap(network)
     fresh: Sequence[str] = getattr(module, "fresh_modules", ())
     if not fresh:
         return nnunet_load_pretrained_weights(network, fname, verbose)

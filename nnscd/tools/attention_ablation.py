@@ -12,21 +12,20 @@ Writes OUT/MODE/ (predictions and nnU-Net's summary.json), OUT/ablation.json and
 and mode, and the drop from the unchanged prediction), and prints the table.
 """
 import argparse
-import csv
 import json
 import math
 import os
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from nnscd.commands import _prepare, fail
+from nnscd.core.errors import UserError
+from nnscd.core.safe_io import write_csv, write_json
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
-from nnscd.safe_io import atomic_path
-from nnscd.token_maps import load_model, write_json
+from nnscd.tools.trained_models import load_model
 
 MODES = ("none", "zeros", "shuffle")
 
@@ -73,14 +72,14 @@ def check_folders(images: str, reference: str, file_ending: str) -> None:
     from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
     if not os.path.isdir(images):
-        fail(f"image folder {images} does not exist (-i).")
+        raise UserError(f"image folder {images} does not exist (-i).")
     cases = get_identifiers_from_splitted_dataset_folder(images, file_ending)
     if not len(cases):
-        fail(f"no images ending in {file_ending} in {images} (-i): nothing to predict.")
+        raise UserError(f"no images ending in {file_ending} in {images} (-i): nothing to predict.")
     missing = [str(c) for c in cases if not os.path.isfile(os.path.join(reference, f"{c}{file_ending}"))]
     if missing:
-        fail(f"no reference label in {reference} (-ref) for case(s) {', '.join(missing)} "
-             f"(expected CASE{file_ending} beside the images' CASE_0000{file_ending}).")
+        raise UserError(f"no reference label in {reference} (-ref) for case(s) {', '.join(missing)} "
+                        f"(expected CASE{file_ending} beside the images' CASE_0000{file_ending}).")
 
 
 def predict_folder(predictor, images: str, output: str, npp: int, nps: int) -> None:
@@ -121,14 +120,6 @@ def dice_drops(summaries: Dict[str, dict], names: Dict[str, str]) -> Dict[str, d
     return {mode: {"dice": d, "dice_drop": {c: dice["none"][c] - v for c, v in d.items()}} for mode, d in dice.items()}
 
 
-def write_csv(path: str, results: Dict[str, dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["mode", "class", "dice", "dice_drop"])
-        for mode, r in results.items():
-            writer.writerows([mode, c, r["dice"][c], r["dice_drop"][c]] for c in r["dice"])
-
-
 def format_table(results: Dict[str, dict]) -> str:
     classes = list(results["none"]["dice"])
     rows = [f"{'mode':<9}" + "".join(f"{c[:12]:>13}" for c in classes) + f"{'mean drop':>11}"]
@@ -137,10 +128,6 @@ def format_table(results: Dict[str, dict]) -> str:
                     + f"{r['dice_drop']['mean']:>11.3f}")
     return "Dice per class (mean: foreground mean)\n" + "\n".join(rows)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------------------------
 
 def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
     predictor, network = load_model(args.m, args.f, args.chk, args.device, "nnScd_attention_ablation",
@@ -157,35 +144,9 @@ def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
         "model": os.path.abspath(args.m), "trainer": predictor.trainer_name, "folds": args.f, "checkpoint": args.chk,
         "sparse": network.config.sparse, "tta": args.tta, "seed": args.seed, "images": os.path.abspath(args.i),
         "reference": os.path.abspath(args.ref), "modes": results})
-    write_csv(os.path.join(args.o, "ablation.csv"), results)
+    write_csv(os.path.join(args.o, "ablation.csv"), [{"mode": mode, "class": c, "dice": r["dice"][c],
+                                                      "dice_drop": r["dice_drop"][c]}
+                                                     for mode, r in results.items() for c in r["dice"]],
+              ("mode", "class", "dice", "dice_drop"))
     print(format_table(results))
     return results
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nnScd_attention_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-m", required=True, help="trained model folder TRAINER__PLANS__CONFIGURATION")
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to ensemble (default 0-4)")
-    parser.add_argument("-i", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
-    parser.add_argument("-ref", required=True, help="folder of reference labels (CASE.nii.gz)")
-    parser.add_argument("-o", required=True, help="output folder")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="ablations (default all); the unchanged prediction always runs as the reference")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the token permutation (default 0)")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off for speed)")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    parser.add_argument("-device", default="cuda", choices=("cpu", "cuda"), help="default cuda, as nnU-Net")
-    parser.add_argument("-npp", type=int, default=3, help="preprocessing processes (default 3; 0 with -nps 0: "
-                                                          "everything in this process)")
-    parser.add_argument("-nps", type=int, default=3, help="export and evaluation processes (default 3)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    _prepare(["-device", args.device], takes_device=True)  # settles nnU-Net's environment before its first import
-    attention_ablation(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,26 @@
+"""The nnScd_* console scripts: each parses its command line, runs a tool or nnU-Net's entry point, and is the only
+place where a UserError becomes `nnscd: error: ...` on stderr and exit status 2."""
+import functools
+import sys
+from typing import Callable, NoReturn, TypeVar
+
+Main = TypeVar("Main", bound=Callable[..., None])
+
+from nnscd.core.errors import UserError
+
+
+def fail(message: str) -> NoReturn:
+    """Stop a command with a message for the user (no traceback) and exit status 2."""
+    print(f"nnscd: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def console_script(main: Main) -> Main:
+    """`main` as a console script: a UserError it raises ends the command with the message and exit status 2."""
+    @functools.wraps(main)
+    def script(*args, **kwargs) -> None:
+        try:
+            main(*args, **kwargs)
+        except UserError as error:
+            fail(str(error))
+    return script

@@ -1,0 +1,255 @@
+"""The nnScd_* console scripts: nnU-Net's own commands, same flags, with nnscd's trainers and safe outputs.
+
+Each command settles the environment (nnscd.core.paths) before nnunetv2 is imported, checks what nnU-Net would
+only find out late or obscurely, then hands over to nnunetv2's own entry point. What nnU-Net prints for the
+user to run next names the nnScd_ commands, which find nnscd's trainers.
+"""
+import contextlib
+import importlib
+import json
+import os
+import sys
+from typing import Callable, ContextManager, List, Optional
+
+from nnscd.cli import console_script
+from nnscd.core import nnunet_hooks
+from nnscd.core.device import prepare_run
+from nnscd.core.errors import UserError
+from nnscd.core.safe_io import PARTIAL_PREFIX
+from nnscd.checks.trainer_names import find_trainer
+
+
+def _flag(argv: List[str], flag: str, default: str) -> str:
+    """The value after one nnU-Net flag, read before nnU-Net parses the command line.
+
+    An exact token match: argparse would read `-device` as `-d evice` when only `-d` is declared.
+    """
+    position = argv.index(flag) + 1 if flag in argv else len(argv)
+    return argv[position] if position < len(argv) else default
+
+
+def _flag_values(argv: List[str], flag: str) -> Optional[List[str]]:
+    """The values after a flag that takes several (`-d 4 5`, `-f 0 1`), or None if it is absent."""
+    if flag not in argv:
+        return None
+    values = argv[argv.index(flag) + 1:]
+    return values[:next((i for i, a in enumerate(values) if a.startswith("-")), len(values))]
+
+
+def _asks_help(argv: List[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _prepare(argv: List[str], takes_device: bool = False) -> None:
+    """Settle the environment; refuse a CUDA run on a machine without CUDA before any work starts (not for -h)."""
+    prepare_run(None if _asks_help(argv) or not takes_device else _flag(argv, "-device", "cuda"))
+
+
+def _delegate(module: str, function: str, before: Optional[Callable[[List[str]], None]] = None,
+              after: Optional[Callable[[List[str]], None]] = None,
+              context: Callable[[], ContextManager] = contextlib.nullcontext) -> Callable[[], None]:
+    """A console script that runs nnunetv2's `module.function` entry point under nnscd's environment and
+    `context()`, after `before(argv)` (checks; skipped for -h) and before `after(argv)` if given."""
+
+    def command() -> None:
+        argv = sys.argv[1:]
+        _prepare(argv)
+        if before is not None and not _asks_help(argv):
+            before(argv)
+        entry = getattr(importlib.import_module(module), function)
+        with context(), nnunet_hooks.command_names_in_output():
+            entry()
+        if after is not None:
+            after(argv)
+
+    command.__doc__ = f"nnScd_ twin of nnunetv2's {module}.{function}"
+    return console_script(command)
+
+
+def _write_token_plans(argv: List[str]) -> None:
+    """After nnU-Net planned: record the token-aware plans (nnscd.core.token_planning) as nnScdPlans.json."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnscd.core.token_planning import PLANS_NAME, describe_token_plans, write_token_plans
+    from nnscd_trainers.token_sparse_trainers import STPMTATrainer, STPMTATrainer_paper
+
+    if "-pl" in argv and "-overwrite_plans_name" not in argv:
+        print(f"nnscd: {PLANS_NAME}.json is derived from nnUNetPlans; with -pl, add -overwrite_plans_name NAME to "
+              f"get NAME_nnScd.json. Token-sparse trainers plan their tokens from any plans when they start.")
+        return
+    source = _flag(argv, "-overwrite_plans_name", "nnUNetPlans")
+    target = PLANS_NAME if source == "nnUNetPlans" else f"{source}_nnScd"
+    for dataset in _flag_values(argv, "-d"):
+        folder = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+        with open(write_token_plans(folder, STPMTATrainer.token_plan, source, target)) as f:
+            table = describe_token_plans(json.load(f), {t.__name__: t.pruning() for t in
+                                                        (STPMTATrainer, STPMTATrainer_paper)})
+        print(f"\nnnscd: token-aware plans for transformer trainers written to {folder}/{target}.json "
+              f"(train with -p {target}; nnU-Net's {source}.json is unchanged)\n{table}")
+
+
+def _check_raw_datasets(argv: List[str]) -> None:
+    """Before fingerprinting: every problem of each -d dataset (nnscd.checks.input_checks), in one message per dataset."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnscd.checks.input_checks import check_raw_dataset, describe
+
+    for dataset in _flag_values(argv, "-d") or []:
+        try:
+            folder = os.path.join(str(nnUNet_raw), maybe_convert_to_dataset_name(dataset))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"-d {dataset}: {e} Put the dataset in {nnUNet_raw} as DatasetXXX_Name "
+                            f"(nnScd_convert_MSD_dataset or dataset_conversion) or fix -d.") from None
+        problems = check_raw_dataset(folder, num_threads=int(_flag(argv, "-npfp", "4")))
+        if problems:
+            raise UserError(describe(problems, folder))
+
+
+def _atomic_preprocessing() -> ContextManager:
+    """Plans that name nnU-Net's DefaultPreprocessor get nnscd's, which writes each case atomically."""
+    from nnscd.core.atomic_preprocessor import nnScdPreprocessor
+
+    return nnunet_hooks.preprocessor_for_default(nnScdPreprocessor)
+
+
+plan_and_preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
+                                "plan_and_preprocess_entry", before=_check_raw_datasets, after=_write_token_plans,
+                                context=_atomic_preprocessing)
+extract_fingerprint = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
+                                "extract_fingerprint_entry", before=_check_raw_datasets)
+plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry",
+                            after=_write_token_plans)
+preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry",
+                       context=_atomic_preprocessing)
+determine_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
+                                     "entry_point_determine_postprocessing_folder")
+apply_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
+                                 "entry_point_apply_postprocessing")
+ensemble = _delegate("nnunetv2.ensembling.ensemble", "entry_point_ensemble_folders")
+evaluate_folder = _delegate("nnunetv2.evaluation.evaluate_predictions", "evaluate_folder_entry_point")
+export_model_to_zip = _delegate("nnunetv2.model_sharing.entry_points", "export_pretrained_model_entry")
+install_pretrained_model_from_zip = _delegate("nnunetv2.model_sharing.entry_points", "install_from_zip_entry_point")
+
+
+@console_script
+def train() -> None:
+    """nnScd_train DATASET CONFIGURATION FOLD [-tr TRAINER] [--c] [--npz] [-device cpu] ... as nnUNetv2_train."""
+    argv = sys.argv[1:]
+    _prepare(argv, takes_device=True)
+    if not _asks_help(argv):
+        trainer_class = find_trainer(_flag(argv, "-tr", "nnUNetTrainer"))
+        from nnscd_trainers.nnscd_trainer import seed_from_environment
+        _check_environment(seed_from_environment)  # final validation predicts with nnScdPredictor
+        if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
+            from nnscd.checks.input_checks import check_training_setup, describe
+
+            dataset, configuration, fold = argv[:3]
+            problems = check_training_setup(dataset, configuration, fold, trainer_class,
+                                            _flag(argv, "-p", "nnUNetPlans"), "--c" in argv)
+            if problems:
+                raise UserError(describe(problems, f"nnScd_train {' '.join(argv[:3])}"))
+    from nnunetv2.run.run_training import run_training_entry
+    from nnscd.core.pretrained_weights import load_pretrained_weights
+    with nnunet_hooks.pretrained_weights_loader(load_pretrained_weights), nnunet_hooks.command_names_in_output():
+        run_training_entry()
+
+
+def _check_environment(*extra_checks: Callable[[], object]) -> None:
+    """Refuse a bad nnscd environment variable (nnScd_cpu_bf16, nnScd_predict_batch_factor, ...) before any work."""
+    from nnscd.core.predictor import check_predictor_environment
+
+    try:
+        for check in (check_predictor_environment, *extra_checks):
+            check()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def check_prediction_folders(input_folder: str, output_folder: str) -> None:
+    """UserError for an input folder that is missing, empty or the output folder; removes a killed run's partial
+    files from the output folder."""
+    if not os.path.isdir(input_folder):
+        raise UserError(f"input folder {input_folder} does not exist. Pass the folder holding the images (-i).")
+    if not [f for f in os.listdir(input_folder) if not f.startswith(".")]:
+        raise UserError(f"input folder {input_folder} is empty: nothing to predict. Put the images there "
+                        f"(CASE_0000.nii.gz, ...) or point -i at the right folder.")
+    if os.path.abspath(input_folder) == os.path.abspath(output_folder):
+        raise UserError(f"output folder equals the input folder ({input_folder}). Predictions would mix with the "
+                        f"images; choose another -o.")
+    if os.path.isdir(output_folder):  # leftovers of a killed run; finished cases are never partial files
+        for name in os.listdir(output_folder):
+            if name.startswith(PARTIAL_PREFIX):
+                os.remove(os.path.join(output_folder, name))
+
+
+def _check_prediction_input(argv: List[str], model_folder: str) -> None:
+    """Before the network is loaded: checkpoints, channels, dimensions and intensities of every input case."""
+    from nnscd.checks.input_checks import check_prediction_input, describe
+
+    input_folder = _flag(argv, "-i", "")
+    continuing = "--continue_prediction" in argv or "--c" in argv
+    folds = _flag_values(argv, "-f") or ["0", "1", "2", "3", "4"]  # nnU-Net's default
+    problems = check_prediction_input(input_folder, model_folder, folds, _flag(argv, "-chk", "checkpoint_final.pth"),
+                                      continue_in=_flag(argv, "-o", "") if continuing else None)
+    if problems:
+        raise UserError(describe(problems, f"the prediction of {input_folder} with {model_folder}"))
+
+
+def _model_folder_of_trainer(argv: List[str]) -> str:
+    """nnScd_predict: the model folder that -d, -tr, -p and -c name, which must exist."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    trainer = _flag(argv, "-tr", "nnUNetTrainer")
+    find_trainer(trainer)
+    dataset, plans, configuration = _flag(argv, "-d", ""), _flag(argv, "-p", "nnUNetPlans"), _flag(argv, "-c", "")
+    try:
+        model_folder = get_output_folder(dataset, trainer, plans, configuration)
+    except RuntimeError as e:  # maybe_convert_to_dataset_name: no such dataset anywhere
+        raise UserError(f"{e} Check -d.") from None
+    if not os.path.isdir(model_folder):
+        parent = os.path.dirname(model_folder)
+        trained = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+        raise UserError(f"no trained model at {model_folder}. Train it first (nnScd_train {dataset} {configuration} "
+                        f"FOLD -tr {trainer} -p {plans}), or pick one of the trained models in {parent}: "
+                        f"{', '.join(trained) or 'none'}.")
+    return model_folder
+
+
+def _model_folder_flag(argv: List[str]) -> str:
+    """nnScd_predict_from_modelfolder: the folder -m names, which must hold plans.json."""
+    model_folder = _flag(argv, "-m", "")
+    if not os.path.isfile(os.path.join(model_folder, "plans.json")):
+        raise UserError(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
+                        f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
+    return model_folder
+
+
+def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]], str]) -> Callable[[], None]:
+    """A console script running nnunetv2's predict `entry_point` with nnscd's predictor (same flags, safe exports),
+    after checking the environment, the folders, the model (`model_folder_of`) and every input case."""
+
+    def command() -> None:
+        argv = sys.argv[1:]
+        _prepare(argv, takes_device=True)
+        if not _asks_help(argv):
+            _check_environment()
+            check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
+            _check_prediction_input(argv, model_folder_of(argv))
+        from nnscd.core.predictor import nnScdPredictor
+
+        entry = getattr(importlib.import_module(nnunet_hooks.PREDICT_MODULE), entry_point)
+        with nnunet_hooks.entry_point_predictor(nnScdPredictor), nnunet_hooks.command_names_in_output():
+            entry()
+
+    command.__doc__ = f"nnScd_ twin of nnunetv2's {entry_point}: same flags, nnscd's predictor and checks"
+    return console_script(command)
+
+
+predict = _prediction_command("predict_entry_point", _model_folder_of_trainer)
+predict_from_modelfolder = _prediction_command("predict_entry_point_modelfolder", _model_folder_flag)
+find_best_configuration = _delegate("nnunetv2.evaluation.find_best_configuration",
+                                    "find_best_configuration_entry_point",
+                                    context=nnunet_hooks.inference_instructions_naming_nnscd)
+find_best_configuration.__doc__ = ("nnScd_find_best_configuration DATASET -c ... -tr ...: nnU-Net writes "
+                                   "inference_instructions.txt naming its own commands; nnscd's names the nnScd_ "
+                                   "commands, which also find nnscd's trainers.")

@@ -1,1 +1,0 @@
-"""Rerunnable experiments whose summaries are committed under documentation/results/."""

@@ -1,0 +1,1 @@
+"""Tools beyond nnU-Net's commands: benchmarks, token maps, the attention ablation, the MSD submission, the demo."""

@@ -77,6 +77,11 @@ def _layer(name: str) -> int:
     return -1  # the package roots (nnscd/__init__.py) and the trainer lookup shim that nnU-Net reads
 
 
+def _upward() -> List[str]:
+    return [f"{name} -> {target}" for name in MODULES if _layer(name) >= 0
+            for target in _project_imports(name) if _layer(target) > _layer(name)]
+
+
 def test_no_import_cycle_among_the_projects_modules():
     assert _cycle() == []
 
@@ -89,10 +94,12 @@ def test_a_cycle_is_found_when_there_is_one(monkeypatch):
     assert set(_cycle()) == {"nnscd.core.paths", "nnscd.core.safe_io"}
 
 
-def test_imports_point_down_the_layers():
-    upward = [f"{name} -> {target}" for name in MODULES if _layer(name) >= 0
-              for target in _project_imports(name) if _layer(target) > _layer(name)]
-    assert upward == []
+def test_imports_point_down_the_layers(monkeypatch):
+    assert _upward() == []
+    real = _project_imports  # and the check itself: core importing a tool is reported
+    monkeypatch.setattr(__import__(__name__), "_project_imports",
+                        lambda n: real(n) | ({"nnscd.tools.demo"} if n == "nnscd.core.paths" else set()))
+    assert _upward() == ["nnscd.core.paths -> nnscd.tools.demo"]
 
 
 def test_networks_know_nothing_of_nnunet_and_production_code_no_mock():
@@ -112,6 +119,20 @@ def test_every_hooked_nnunet_attribute_exists(module, attribute):
     assert hasattr(importlib.import_module(module), attribute), f"nnunetv2 has no {module}.{attribute} any more"
 
 
+def test_what_the_hooks_rely_on_beyond_names():
+    """preprocessor_for_default swaps a property (it calls its fget); add_log_series writes into the local logger's
+    per-epoch dict, which nnU-Net's checkpoints store."""
+    import inspect
+
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    assert isinstance(inspect.getattr_static(ConfigurationManager, "preprocessor_class"), property)
+    logger = MetaLogger(output_folder=None, resume=False)
+    assert isinstance(logger.local_logger.my_fantastic_logging, dict)
+    assert all(isinstance(v, list) for v in logger.local_logger.my_fantastic_logging.values())
+
+
 def test_hooks_swap_and_restore():
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
     from nnscd.core import nnunet_hooks
@@ -129,10 +150,11 @@ def test_every_trainer_class_is_found_without_a_list():
     from nnscd.checks.trainer_names import find_trainer
     from nnscd.core.paths import settle_environment
 
-    defined = {node.name for name in MODULES if name.startswith("nnscd_trainers.")
-               for node in ast.parse(MODULES[name].read_text()).body if isinstance(node, ast.ClassDef)}
-    trainers = {n for n in defined if isinstance(getattr(nnscd_trainers, n, None), type)
-                and issubclass(getattr(nnscd_trainers, n), nnUNetTrainer)}
+    trainers = set()  # every trainer class each module defines, found here without the package's discovery
+    for name in (n for n in MODULES if n.startswith("nnscd_trainers.")):
+        module = importlib.import_module(name)
+        trainers |= {node.name for node in ast.parse(MODULES[name].read_text()).body if isinstance(node, ast.ClassDef)
+                     and issubclass(getattr(module, node.name), nnUNetTrainer)}
     assert {"STPMTATrainer", "STPMTAPrimusV3STrainer", "APFormerTrainer", "nnScdTrainer_budget"} <= trainers
     assert set(nnscd_trainers.__all__) == trainers - {"nnScdPrimusTrainer"}  # abstract: builds no network
     settle_environment()

@@ -84,11 +84,33 @@ def set_value(value):
     return change
 
 
+def nifti_set(path: Path, value: float, dtype=np.float32) -> None:
+    """Store `value` at one voxel as the NIfTI file holds it (written by nibabel, which keeps NaN and inf; the
+    dataset's reader, SimpleITK, hands them over as 0)."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj).astype(dtype)
+    data[0, 0, 0] = value
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    nib.save(nib.Nifti1Image(data, image.affine, header), str(path))
+
+
+def all_background(folder: Path) -> None:
+    for label in (folder / "labelsTr").iterdir():
+        rewrite(label, np.zeros_like)
+
+
 IMG, LBL = "imagesTr/case_001_0000", "labelsTr/case_001"
 BAD_DATASETS = {
     "missing channel file": (lambda d: (d / f"{IMG[:-1]}1.nii.gz").unlink(), "case_001_0001.nii.gz: missing: channel 1"),
     "extra channel file": (lambda d: shutil.copy(d / f"{IMG}.nii.gz", d / f"{IMG[:-1]}2.nii.gz"), "channel 2, but"),
     "missing label": (lambda d: (d / f"{LBL}.nii.gz").unlink(), "case_001.nii.gz: missing: case case_001 has images"),
+    "NaN in a NIfTI image": (lambda d: nifti_set(d / f"{IMG}.nii.gz", np.nan), "case_001_0000.nii.gz: 1 NaN/inf"),
+    "inf in a NIfTI image": (lambda d: nifti_set(d / f"{IMG}.nii.gz", np.inf), "case_001_0000.nii.gz: 1 NaN/inf"),
+    "NaN in a NIfTI label": (lambda d: nifti_set(d / f"{LBL}.nii.gz", np.nan), "case_001.nii.gz: 1 NaN/inf label"),
+    "labels all background": (all_background, "all 3 label files hold only background"),
     "label without images": (lambda d: shutil.copy(d / f"{LBL}.nii.gz", d / "labelsTr/case_009.nii.gz"),
                              "label without images"),
     "label value not in dataset.json": (lambda d: rewrite(d / f"{LBL}.nii.gz", set_value(5)), "label values [5]"),
@@ -149,6 +171,18 @@ def test_bad_dataset_is_reported(name, tmp_path):
     assert any(expected in p for p in problems), problems
     assert all(". " in p for p in problems)  # what is wrong, then what to do
     RECORD[name] = next(p for p in problems if expected in p)
+    assert not [p for p in problems if "label without images" in p and name != "label without images"], problems
+
+
+def test_nifti_values_are_read_from_the_file_in_chunks(tmp_path):
+    from nnscd.checks.input_checks import nifti_non_finite
+
+    path = tmp_path / "ct.nii.gz"
+    write_image(path, np.zeros((20, 30, 40), np.float32))
+    nifti_set(path, np.inf)
+    assert nifti_non_finite(str(path), chunk_bytes=1000) == nifti_non_finite(str(path)) == 1  # across chunks
+    write_image(path, np.zeros((20, 30, 40), np.int16))
+    assert nifti_non_finite(str(path)) == 0  # integer voxels cannot be NaN
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -290,6 +324,9 @@ def test_prediction_input_problems(model_folder, tmp_path):
     (inputs / "case_0_0000.nii.gz").rename(inputs / "case_0_0000.nii")
     cases["wrong file ending (prediction)"] = (_prediction_problems(inputs, model_folder), "wrong file ending")
     (inputs / "case_0_0000.nii").unlink()
+    nifti_set(inputs / "case_1_0000.nii.gz", np.nan)
+    cases["NaN in a NIfTI prediction input"] = (_prediction_problems(inputs, model_folder),
+                                                "case_1_0000.nii.gz: 1 NaN/inf voxel(s)")
 
     two_d = tmp_path / f"{TRAINER}__nnUNetPlans__2d"
     shutil.copytree(model_folder, two_d)
@@ -348,3 +385,25 @@ def test_predict_and_train_stop_before_loading(nnunet_env, model_folder, tmp_pat
                        check=False, in_process=True)
     assert proc.returncode != 0 and "fold '5': out of range" in proc.stderr, proc.stderr
     assert not (Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_5").exists()
+
+
+@pytest.mark.parametrize("name, value", [("nnUNet_n_proc_DA", "-1"), ("nnUNet_n_proc_DA", "two"),
+                                         ("nnUNet_def_n_proc", "0")])
+def test_bad_process_variables_are_refused_before_any_work(name, value, nnunet_env, planned_dataset):
+    fingerprint = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET / "dataset_fingerprint.json"
+    before = fingerprint.stat().st_mtime_ns
+    proc = run_command(["nnScd_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG],
+                       {**nnunet_env, name: value}, check=False, in_process=True)
+    assert proc.returncode == 2 and f"{name}={value!r}: set it to a whole number" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and fingerprint.stat().st_mtime_ns == before
+    RECORD[f"{name}={value}"] = proc.stderr.strip().removeprefix("nnscd: error: ")
+
+
+def test_planning_works_with_augmentation_workers_off(nnunet_env, planned_dataset):
+    """nnUNet_n_proc_DA=0 is nnU-Net's documented switch for no augmentation workers; its planner set torch's
+    threads to it and died."""
+    proc = run_command(["nnScd_plan_experiment", "-d", str(DATASET_ID), "-overwrite_plans_name", "nnUNetPlansDA0"],
+                       {**nnunet_env, "nnUNet_n_proc_DA": "0"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET
+    assert (folder / "nnUNetPlansDA0.json").is_file() and (folder / "nnUNetPlansDA0_nnScd.json").is_file()

@@ -11,13 +11,15 @@ forward GFLOPs per tile.
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nnscd.experiments.hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference
-from nnscd.core.paths import settle_environment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the drivers are not in the package
+from hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference  # noqa: E402
+from nnscd.core.paths import settle_environment  # noqa: E402
 
 DATASET = "Dataset004_Hippocampus"
 UNET = "nnScdTrainer_budget"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnscd.tools.benchmark_trainers import agreement
+from nnscd.tools.benchmark_predictors import agreement
 from nnscd.core.paths import TRAINER_LOOKUP_FOLDER
 
 BIN = Path(sys.executable).parent

@@ -223,33 +223,73 @@ def _geometry_problems(rel: str, header: Header, ref_rel: str, ref: Header) -> L
     return problems
 
 
-def _pixel_problems(path: str, rel: str, reader, expected_labels: Optional[List[int]]) -> List[str]:
-    """Non-finite intensities of an image, or values of a label file (expected_labels given) not in dataset.json,
-    as nnU-Net's reader sees them (SimpleITK reads NaN in a NIfTI file as 0; nibabel and .nrrd keep it)."""
-    array = reader.read_images((path,))[0] if expected_labels is None else reader.read_seg(path)[0]
-    if expected_labels is None:
-        bad = np.count_nonzero(~np.isfinite(array)) if np.issubdtype(array.dtype, np.floating) else 0
-        return [f"{rel}: {bad} NaN/inf voxel(s). Replace them (e.g. by the image minimum) before planning: "
-                f"nnU-Net's normalisation spreads them over the whole image."] if bad else []
+def nifti_non_finite(path: str, chunk_bytes: int = 1 << 24) -> int:
+    """NaN/inf voxels as a NIfTI file stores them, whatever reader the dataset uses: SimpleITK hands NaN and inf
+    over as 0, so nnU-Net would train on them unseen. Streams the voxel bytes in chunks (a large CT costs 16 MB)."""
+    import nibabel as nib
+
+    header = nib.load(path).header  # the header only: the voxels stay on disk
+    dtype = header.get_data_dtype()
+    if not np.issubdtype(dtype, np.floating):
+        return 0
+    remaining = math.prod(header.get_data_shape()) * dtype.itemsize
+    step = chunk_bytes - chunk_bytes % dtype.itemsize
+    bad = 0
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        f.seek(int(header.get_data_offset()))
+        while remaining > 0:
+            data = f.read(min(step, remaining))
+            if not data:
+                break
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data, dtype))))
+            remaining -= len(data)
+    return bad
+
+
+def _non_finite(path: str, array: np.ndarray) -> int:
+    """NaN/inf voxels of a file: in the file itself for NIfTI, else in what nnU-Net's reader returned."""
+    if path.endswith((".nii", ".nii.gz")):
+        return nifti_non_finite(path)
+    return int(np.count_nonzero(~np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
+
+
+def _image_problems(path: str, rel: str, reader) -> List[str]:
+    """Non-finite intensities of an image."""
+    bad = _non_finite(path, reader.read_images((path,))[0])
+    return [f"{rel}: {bad} NaN/inf voxel(s). Replace them (e.g. by the image minimum) before planning: "
+            f"nnU-Net's normalisation spreads them over the whole image."] if bad else []
+
+
+def _label_problems(path: str, rel: str, reader, expected_labels: List[int]) -> Tuple[List[str], bool]:
+    """Values of a label file that are NaN/inf, not integers or not in dataset.json; and whether it holds any
+    foreground (a value other than 0)."""
     import pandas as pd
 
+    array = reader.read_seg(path)[0]
+    bad = _non_finite(path, array)
+    if bad:
+        return [f"{rel}: {bad} NaN/inf label voxel(s) (SimpleITK reads them as background). Labels must be "
+                f"integers: set them to a label value and save as an integer type."], True
     values = np.sort(pd.unique(array.ravel()))  # hash-based, much faster than np.unique on large volumes
+    foreground = bool(np.any(values != 0))
     if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
         return [f"{rel}: non-integer label values ({values[:8].tolist()}...). Labels must be integers: round or "
-                f"threshold them and save as an integer type."]
+                f"threshold them and save as an integer type."], foreground
     unexpected = [int(v) for v in values if int(v) not in expected_labels]
     return [f"{rel}: label values {unexpected} are not in dataset.json labels {expected_labels}. Add them to "
-            f"labels, or map them to known values in the label files."] if unexpected else []
+            f"labels, or map them to known values in the label files."] if unexpected else [], foreground
 
 
 def check_cases(cases: Dict[str, List[str]], labels: Dict[str, str], root: str, reader=None,
-                expected_labels: Optional[List[int]] = None, num_threads: int = 4) -> Tuple[List[str], Dict]:
+                expected_labels: Optional[List[int]] = None,
+                num_threads: int = 4) -> Tuple[List[str], Dict[str, Header], List[str]]:
     """Headers (readable, 2D/3D, one geometry per case) and, given nnU-Net's `reader`, intensities and label values.
 
-    Returns the problems and the first channel's header of each readable case.
+    Returns the problems, the first channel's header of each readable case, and the cases whose label holds
+    foreground.
     """
 
-    def check(case: str) -> Tuple[List[str], Optional[Header]]:
+    def check(case: str) -> Tuple[List[str], Optional[Header], bool]:
         files = cases[case] + ([labels[case]] if case in labels else [])
         headers, problems = [], []
         for path in files:
@@ -257,19 +297,24 @@ def check_cases(cases: Dict[str, List[str]], labels: Dict[str, str], root: str, 
             headers.append(header)
             problems += [problem] if problem else []
         if problems:
-            return problems, None
+            return problems, None, False
         for path, header in zip(files[1:], headers[1:]):
             problems += _geometry_problems(_rel(path, root), header, _rel(files[0], root), headers[0])
+        foreground = False
         for path in files if reader is not None else []:
-            is_label = path == labels.get(case)
-            problems += _pixel_problems(path, _rel(path, root), reader, expected_labels if is_label else None)
-        return problems, headers[0]
+            if path == labels.get(case):
+                found, foreground = _label_problems(path, _rel(path, root), reader, expected_labels)
+            else:
+                found = _image_problems(path, _rel(path, root), reader)
+            problems += found
+        return problems, headers[0], foreground
 
     with ThreadPoolExecutor(num_threads) as pool:  # SimpleITK and numpy release the GIL while reading
         results = list(tqdm(pool.map(check, cases), total=len(cases), desc="nnscd: checking cases",
                             disable=len(cases) < 50, leave=False))
-    problems = [p for found, _ in results for p in found]
-    return problems, {case: header for case, (_, header) in zip(cases, results) if header is not None}
+    problems = [p for found, _, _ in results for p in found]
+    headers = {case: header for case, (_, header, _) in zip(cases, results) if header is not None}
+    return problems, headers, [case for case, (_, _, foreground) in zip(cases, results) if foreground]
 
 
 def _dimension_problems(headers: Dict[str, Header], cases: Dict[str, List[str]], root: str) -> List[str]:
@@ -328,8 +373,10 @@ def check_raw_dataset(folder: str, num_threads: int = 4) -> List[str]:
         labels = {case: os.path.join(folder, "labelsTr", case + ending) for case in cases if case in label_names}
         problems += [f"labelsTr/{case}{ending}: missing: case {case} has images but no label. Add the label, or "
                      f"move the case's images out of imagesTr (to imagesTs)." for case in cases if case not in labels]
+        with_images = {m["case"] for n in os.listdir(os.path.join(folder, "imagesTr")) if n.endswith(ending)
+                       and (m := CHANNEL_FILE.fullmatch(n[:-len(ending)]))}  # complete or not: reported above
         problems += [f"labelsTr/{case}{ending}: label without images (no imagesTr/{case}_0000{ending}). Add the "
-                     f"images or remove the label." for case in sorted(label_names - set(cases))]
+                     f"images or remove the label." for case in sorted(label_names - with_images)]
         problems += [f"labelsTr/{n}: wrong file ending; dataset.json says {ending}. Convert it to {ending}."
                      for n in sorted(os.listdir(os.path.join(folder, "labelsTr")))
                      if not n.endswith(ending) and not n.startswith(".")]
@@ -340,7 +387,12 @@ def check_raw_dataset(folder: str, num_threads: int = 4) -> List[str]:
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     reader = determine_reader_writer_from_dataset_json(dataset_json, verbose=False)()
-    case_problems, headers = check_cases(cases, labels, folder, reader, _expected_labels(dataset_json), num_threads)
+    case_problems, headers, foreground = check_cases(cases, labels, folder, reader, _expected_labels(dataset_json),
+                                                     num_threads)
+    if labels and not foreground and not case_problems:
+        case_problems.append(f"labelsTr: all {len(labels)} label files hold only background (0): there is nothing "
+                             f"to learn, and nnU-Net's planning fails on it. Check that the labels were exported "
+                             f"with their values (not as empty masks) and that labelsTr holds the right files.")
     return problems + case_problems + _dimension_problems(headers, cases, folder)
 
 
@@ -394,7 +446,7 @@ def check_prediction_input(input_folder: str, model_folder: str, folds: Sequence
         if continue_in and os.path.isdir(continue_in) else set()
     cases = {case: files for case, files in cases.items() if case not in done}
     reader = PlansManager(plans).image_reader_writer_class()
-    case_problems, headers = check_cases(cases, {}, input_folder, reader, num_threads=num_threads)
+    case_problems, headers, _ = check_cases(cases, {}, input_folder, reader, num_threads=num_threads)
     problems += case_problems
     model_2d = min(plans["original_median_shape_after_transp"]) == 1
     model_3d = len(PlansManager(plans).get_configuration(configuration).patch_size) == 3

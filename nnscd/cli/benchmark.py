@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
     predict.add_argument("--disable_tta", action="store_true", help="no mirroring")
     _common(predict, "predict")
+    predict.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)  # accepted, as before: unused
+    predict.add_argument("--plot", help=argparse.SUPPRESS)  # accepted, as before: predict mode draws none
     return parser
 
 

@@ -9,7 +9,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Callable, ContextManager, List, Optional
+from typing import Callable, ContextManager, Iterator, List, Optional
 
 from nnscd.cli import console_script
 from nnscd.core import nnunet_hooks
@@ -105,22 +105,25 @@ def _check_raw_datasets(argv: List[str]) -> None:
             raise UserError(describe(problems, folder))
 
 
-def _atomic_preprocessing() -> ContextManager:
-    """Plans that name nnU-Net's DefaultPreprocessor get nnscd's, which writes each case atomically."""
+@contextlib.contextmanager
+def _planning_and_preprocessing() -> Iterator[None]:
+    """Plans that name nnU-Net's DefaultPreprocessor get nnscd's, which writes each case atomically; the planner
+    runs with nnUNet_n_proc_DA=0 too."""
     from nnscd.core.atomic_preprocessor import nnScdPreprocessor
 
-    return nnunet_hooks.preprocessor_for_default(nnScdPreprocessor)
+    with nnunet_hooks.preprocessor_for_default(nnScdPreprocessor), nnunet_hooks.planner_threads_at_least_one():
+        yield
 
 
 plan_and_preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                                 "plan_and_preprocess_entry", before=_check_raw_datasets, after=_write_token_plans,
-                                context=_atomic_preprocessing)
+                                context=_planning_and_preprocessing)
 extract_fingerprint = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                                 "extract_fingerprint_entry", before=_check_raw_datasets)
 plan_experiment = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_experiment_entry",
-                            after=_write_token_plans)
+                            after=_write_token_plans, context=_planning_and_preprocessing)
 preprocess = _delegate("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "preprocess_entry",
-                       context=_atomic_preprocessing)
+                       context=_planning_and_preprocessing)
 determine_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",
                                      "entry_point_determine_postprocessing_folder")
 apply_postprocessing = _delegate("nnunetv2.postprocessing.remove_connected_components",

@@ -20,6 +20,7 @@ PREDICT_MODULE = "nnunetv2.inference.predict_from_raw_data"
 RUN_TRAINING_MODULE = "nnunetv2.run.run_training"
 FIND_BEST_MODULE = "nnunetv2.evaluation.find_best_configuration"
 PLANS_MODULE = "nnunetv2.utilities.plans_handling.plans_handler"
+PLANNER_MODULE = "nnunetv2.experiment_planning.experiment_planners.default_experiment_planner"
 
 # (module, attribute) of nnunetv2 that a hook below swaps or reads
 HOOKED: List[Tuple[str, str]] = [
@@ -27,6 +28,7 @@ HOOKED: List[Tuple[str, str]] = [
     (PREDICT_MODULE, "nnUNetPredictor"), (PREDICT_MODULE, "predict_entry_point"),
     (PREDICT_MODULE, "predict_entry_point_modelfolder"), (RUN_TRAINING_MODULE, "load_pretrained_weights"),
     (FIND_BEST_MODULE, "print_inference_instructions"), (PLANS_MODULE, "ConfigurationManager"),
+    (PLANNER_MODULE, "get_allowed_n_proc_DA"),
 ]
 
 
@@ -74,6 +76,15 @@ def preprocessor_for_default(preprocessor: type) -> contextlib.AbstractContextMa
     chosen = property(lambda self: preprocessor if self.preprocessor_name == "DefaultPreprocessor"
                       else lookup.fget(self))
     return swapped(manager, "preprocessor_class", chosen)
+
+
+def planner_threads_at_least_one() -> contextlib.AbstractContextManager:
+    """nnU-Net's ExperimentPlanner sets torch's thread count to nnUNet_n_proc_DA while it sizes networks, and
+    nnU-Net documents nnUNet_n_proc_DA=0 as the way to turn augmentation workers off: torch refuses 0 threads, so
+    planning died after the fingerprint was written. The planner gets at least one thread."""
+    module = _module(PLANNER_MODULE)
+    allowed = module.get_allowed_n_proc_DA
+    return swapped(module, "get_allowed_n_proc_DA", lambda: max(1, allowed()))
 
 
 def inference_instructions_naming_nnscd() -> contextlib.AbstractContextManager:

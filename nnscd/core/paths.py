@@ -9,7 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+from nnscd.core.errors import UserError
+
 DATA_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+# nnU-Net's process counts and the least each may be (nnUNet_n_proc_DA=0 runs augmentation in the main process)
+PROCESS_VARIABLES = {"nnUNet_n_proc_DA": 0, "nnUNet_def_n_proc": 1}
 TRAINER_LOOKUP_FOLDER = str(Path(__file__).resolve().parents[1] / "trainer_lookup")  # nnU-Net reads it
 _ANNOUNCED = "NNSCD_ENV_ANNOUNCED"  # inherited by child processes, so the notice appears once per command
 
@@ -19,8 +23,27 @@ def default_data_root() -> Path:
     return Path(os.environ.get("NNSCD_DATA", Path.home() / "nnscd_data")).expanduser().resolve()
 
 
+def check_process_variables() -> None:
+    """UserError for an nnU-Net process count that is no whole number or too small, before nnunetv2 reads it
+    (nnunetv2 would fail at import with a bare ValueError, or hours in)."""
+    for name, least in PROCESS_VARIABLES.items():
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        try:
+            valid = int(value) >= least
+        except ValueError:
+            valid = False
+        if not valid:
+            meaning = "0 runs nnU-Net's data augmentation in the main process" if least == 0 else \
+                "the number of processes nnU-Net starts for preprocessing and export"
+            raise UserError(f"{name}={value!r}: set it to a whole number >= {least} ({meaning}), or unset it.")
+
+
 def settle_environment(cpu: bool = False) -> None:
-    """Fill in unset nnU-Net variables, register nnscd's trainers and, on a CPU, use few worker processes."""
+    """Fill in unset nnU-Net variables, register nnscd's trainers and, on a CPU, use few worker processes;
+    UserError for a bad process count."""
+    check_process_variables()
     missing = [name for name in DATA_FOLDERS if not os.environ.get(name)]
     for name in missing:
         folder = default_data_root() / name

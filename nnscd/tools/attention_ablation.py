@@ -140,7 +140,7 @@ def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
             predict_folder(predictor, args.i, os.path.join(args.o, mode), args.npp, args.nps)
         summaries[mode] = evaluate_folder(args.ref, os.path.join(args.o, mode), args.nps)
     results = dice_drops(summaries, class_names(predictor.dataset_json))
-    write_json(os.path.join(args.o, "ablation.json"), {
+    write_json(os.path.join(args.o, "ablation.json"), indent=1, content={
         "model": os.path.abspath(args.m), "trainer": predictor.trainer_name, "folds": args.f, "checkpoint": args.chk,
         "sparse": network.config.sparse, "tta": args.tta, "seed": args.seed, "images": os.path.abspath(args.i),
         "reference": os.path.abspath(args.ref), "modes": results})

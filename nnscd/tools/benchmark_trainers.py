@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from nnscd.core.device import device_description, unwrap
+from nnscd.core.errors import UserError
+from nnscd.core.paths import settle_environment
 from nnscd.core.safe_io import write_json
 from nnscd.tools.benchmark_networks import RESULT_KEYS, forward_flops, interleaved_medians, peak_memory_mb
 
@@ -83,8 +85,8 @@ def measure_trainer_in_subprocess(args: argparse.Namespace, trainer_name: str) -
         env = {**os.environ, "nnUNet_results": os.path.join(tmp, "results")}  # the trainer's logs, not the user's
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(f"measuring {trainer_name} failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise UserError(f"measuring {trainer_name} failed (exit {proc.returncode}); its output ends with:\n"
+                            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         with open(out) as f:
             return json.load(f)
 
@@ -107,7 +109,9 @@ def run_dataset_mode(args: argparse.Namespace) -> dict:
 
 def _worker(out: str, trainer_name: str, namespace: str) -> None:
     """In a fresh interpreter: one trainer measured (the arguments as JSON)."""
-    write_json(out, measure_trainer(argparse.Namespace(**json.loads(namespace)), trainer_name))
+    args = argparse.Namespace(**json.loads(namespace))
+    settle_environment(cpu=args.device == "cpu")  # before nnunetv2's first import: folders, nnscd's trainers
+    write_json(out, measure_trainer(args, trainer_name))
 
 
 if __name__ == "__main__":

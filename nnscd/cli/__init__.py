@@ -4,15 +4,27 @@ import functools
 import sys
 from typing import Callable, NoReturn, TypeVar
 
-Main = TypeVar("Main", bound=Callable[..., None])
-
 from nnscd.core.errors import UserError
+
+Main = TypeVar("Main", bound=Callable[..., None])
 
 
 def fail(message: str) -> NoReturn:
     """Stop a command with a message for the user (no traceback) and exit status 2."""
     print(f"nnscd: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_environment(*extra_checks: Callable[[], object]) -> None:
+    """UserError for a bad nnscd environment variable (nnScd_cpu_bf16, nnScd_predict_batch_factor, and whatever
+    `extra_checks` read) before any work: the checks raise ValueError saying what to set."""
+    from nnscd.core.predictor import check_predictor_environment
+
+    try:
+        for check in (check_predictor_environment, *extra_checks):
+            check()
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def console_script(main: Main) -> Main:

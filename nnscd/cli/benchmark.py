@@ -11,8 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nnscd.cli import console_script
-from nnscd.core.errors import UserError
+from nnscd.cli import check_environment, console_script
 
 MODES = ("networks", "dataset", "predict")
 
@@ -124,12 +123,8 @@ def _on_dataset(args: argparse.Namespace) -> None:
     for name in [args.tr] if args.mode == "predict" else args.tr:
         find_trainer(name)
     if args.mode == "predict":
-        from nnscd.core.predictor import check_predictor_environment
         from nnscd.tools.benchmark_predictors import run_predict_mode, write_predict_csv
-        try:
-            check_predictor_environment()
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        check_environment()
         report = run_predict_mode(args)
         if args.csv:
             write_predict_csv(args.csv, report["cases"])

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, ContextManager, Iterator, List, Optional
 
-from nnscd.cli import console_script
+from nnscd.cli import check_environment, console_script
 from nnscd.core import nnunet_hooks
 from nnscd.core.device import prepare_run
 from nnscd.core.errors import UserError
@@ -142,7 +142,7 @@ def train() -> None:
     if not _asks_help(argv):
         trainer_class = find_trainer(_flag(argv, "-tr", "nnUNetTrainer"))
         from nnscd_trainers.nnscd_trainer import seed_from_environment
-        _check_environment(seed_from_environment)  # final validation predicts with nnScdPredictor
+        check_environment(seed_from_environment)  # final validation predicts with nnScdPredictor
         if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
             from nnscd.checks.input_checks import check_training_setup, describe
 
@@ -155,17 +155,6 @@ def train() -> None:
     from nnscd.core.pretrained_weights import load_pretrained_weights
     with nnunet_hooks.pretrained_weights_loader(load_pretrained_weights), nnunet_hooks.command_names_in_output():
         run_training_entry()
-
-
-def _check_environment(*extra_checks: Callable[[], object]) -> None:
-    """Refuse a bad nnscd environment variable (nnScd_cpu_bf16, nnScd_predict_batch_factor, ...) before any work."""
-    from nnscd.core.predictor import check_predictor_environment
-
-    try:
-        for check in (check_predictor_environment, *extra_checks):
-            check()
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 def check_prediction_folders(input_folder: str, output_folder: str) -> None:
@@ -235,7 +224,7 @@ def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]],
         argv = sys.argv[1:]
         _prepare(argv, takes_device=True)
         if not _asks_help(argv):
-            _check_environment()
+            check_environment()
             check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
             _check_prediction_input(argv, model_folder_of(argv))
         from nnscd.core.predictor import nnScdPredictor

@@ -282,6 +282,52 @@ def test_resume_from_corrupt_checkpoint_is_refused(nnunet_env, planned_dataset):
         shutil.rmtree(fold.parent)
 
 
+def test_resume_from_another_trainers_checkpoint_is_refused(nnunet_env, planned_dataset):
+    fold = Path(nnunet_env["nnUNet_results"]) / DATASET / f"nnScdTrainer_budget__nnUNetPlans__{CONFIG}" / "fold_4"
+    fold.mkdir(parents=True)
+    written_by = {"trainer_name": "nnScdTrainer_budget", "current_epoch": 3,
+                  "init_args": {"plans": {"plans_name": "nnUNetPlans"}, "configuration": CONFIG, "fold": 4}}
+    try:
+        torch.save(written_by, fold / "checkpoint_latest.pth")
+        assert _training_problems(fold="4", trainer="nnScdTrainer_budget", resume=True) == []
+        for change, expected in (({"trainer_name": "STPMTATrainer_budget"}, "this run is trainer nnScdTrainer_budget"),
+                                 ({"init_args": {**written_by["init_args"], "configuration": "2d", "fold": 1}},
+                                  "this run is configuration 3d_fullres, fold 4")):
+            torch.save({**written_by, **change}, fold / "checkpoint_latest.pth")
+            problems = _training_problems(fold="4", trainer="nnScdTrainer_budget", resume=True)
+            assert len(problems) == 1 and expected in problems[0], problems
+        RECORD["--c with another configuration's checkpoint"] = problems[0]
+    finally:
+        shutil.rmtree(fold.parent)
+
+
+def test_preprocessed_data_damaged_after_preprocessing_is_found_at_training_start(nnunet_env, planned_dataset,
+                                                                                  extra_plans):
+    from nnscd.checks.input_checks import _preprocessed_problems
+
+    base = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET
+    damaged = extra_plans("nnscdDamaged", lambda p: p["configurations"][CONFIG].update(
+        data_identifier="nnscdDamaged_3d_fullres"))
+    data = base / "nnscdDamaged_3d_fullres"
+    shutil.copytree(base / "nnUNetPlans_3d_fullres", data)
+    try:
+        assert _training_problems(plans=damaged) == []
+        truncate(data / "case_003_seg.b2nd")
+        (data / "case_006.pkl").write_bytes(b"")
+        problems = _training_problems(plans=damaged)
+        assert len(problems) == 1 and "damaged since preprocessing (truncated or unreadable): case_003_seg.b2nd, " \
+            "case_006.pkl. Run nnScd_preprocess -d 991 -c 3d_fullres -p nnscdDamaged" in problems[0], problems
+        RECORD["preprocessed case truncated after preprocessing"] = problems[0]
+        for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+            (data / f"case_005{suffix}").unlink()
+        cases = [f"case_{i:03d}" for i in range(10)]
+        problems = _preprocessed_problems(str(data), 10, "nnScd_preprocess", cases)
+        assert len(problems) == 1 and "(9 of 10 cases complete, missing: case_005)" in problems[0], problems
+        RECORD["preprocessed case deleted after preprocessing"] = problems[0]
+    finally:
+        shutil.rmtree(data)
+
+
 # --- prediction input: a model folder with the session's plans ----------------------------------------------
 
 @pytest.fixture

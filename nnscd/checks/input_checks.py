@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -461,17 +462,55 @@ def check_prediction_input(input_folder: str, model_folder: str, folds: Sequence
     return problems
 
 
-def _preprocessed_problems(folder: str, num_cases: int, rerun: str) -> List[str]:
-    """Cases of a preprocessed configuration that are missing or incomplete (a killed nnU-Net preprocessing)."""
+def _preprocessed_problems(folder: str, num_cases: int, rerun: str, expected_cases: Sequence[str] = ()) -> List[str]:
+    """Cases of a preprocessed configuration that are missing, incomplete (a killed nnU-Net preprocessing) or
+    damaged since (a truncated or unreadable file), found before training loads them hours in.
+
+    `expected_cases` (from splits_final.json) names the missing ones. blosc2 finds a cut-off .b2nd when it opens
+    it (the frame's index is at its end), in well under a millisecond.
+    """
+    import blosc2
+
     if not os.path.isdir(folder):
         return [f"{folder}: missing: this configuration was not preprocessed. Run {rerun}."]
     names = set(os.listdir(folder))
     cases = [n[:-len(".b2nd")] for n in names if n.endswith(".b2nd") and not n.endswith("_seg.b2nd")]
     incomplete = sorted(c for c in cases if not {f"{c}_seg.b2nd", f"{c}.pkl"} <= names)
-    if incomplete or len(cases) < num_cases:
+    missing = sorted(set(expected_cases) - set(cases))
+    if incomplete or missing or len(cases) < num_cases:
+        named = (f", incomplete: {', '.join(incomplete[:5])}" if incomplete else "") + \
+                (f", missing: {', '.join(missing[:5])}" if missing else "")
         return [f"{folder}: preprocessing did not finish ({len(cases) - len(incomplete)} of {num_cases} cases "
-                f"complete{', incomplete: ' + ', '.join(incomplete[:5]) if incomplete else ''}). Run {rerun}."]
+                f"complete{named}). Run {rerun}."]
+    readers = (("_seg.b2nd", lambda path: blosc2.open(path, mode="r")),
+               (".b2nd", lambda path: blosc2.open(path, mode="r")), (".pkl", _load_pickle))
+    damaged = []
+    for case in sorted(cases):
+        for suffix, read in readers:
+            try:
+                read(os.path.join(folder, case + suffix))
+            except Exception:  # blosc2 raises RuntimeError, pickle EOFError or UnpicklingError
+                damaged.append(case + suffix)
+                break
+    if damaged:
+        more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        return [f"{folder}: damaged since preprocessing (truncated or unreadable): {', '.join(damaged[:5])}{more}. "
+                f"Run {rerun} (it redoes every case), or restore these files from a backup."]
     return []
+
+
+def _load_pickle(path: str) -> None:
+    with open(path, "rb") as f:
+        pickle.load(f)
+
+
+def _split_cases(splits_file: str) -> List[str]:
+    """Every case of the first split of splits_final.json (training and validation), none if there is no file."""
+    if not os.path.isfile(splits_file):
+        return []
+    with open(splits_file) as f:
+        first = json.load(f)[0]
+    return [*first["train"], *first["val"]]
 
 
 def _fold_problems(fold: str, splits_file: str) -> List[str]:
@@ -526,7 +565,7 @@ def check_training_setup(dataset: str, configuration: str, fold: str, trainer_cl
                          continue_training: bool) -> List[str]:
     """Problems of `nnScd_train` arguments that nnU-Net reports late, obscurely or not at all: unknown dataset,
     plans or configuration, unfinished preprocessing, a fold outside the split, a patch the network cannot take,
-    and for `--c` a corrupt checkpoint."""
+    and for `--c` a corrupt checkpoint or one that another trainer, plans, configuration or fold wrote."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -551,9 +590,11 @@ def check_training_setup(dataset: str, configuration: str, fold: str, trainer_cl
     if configuration not in available:
         return [f"configuration {configuration!r}: not in {plans_file}. Available: {', '.join(available)}."]
     data_folder = os.path.join(base, PlansManager(plans).get_configuration(configuration).data_identifier)
+    splits_file = os.path.join(base, "splits_final.json")
     problems = _preprocessed_problems(data_folder, dataset_json["numTraining"],
-                                      f"nnScd_preprocess -d {dataset} -c {configuration} -p {plans_name}")
-    problems += _fold_problems(fold, os.path.join(base, "splits_final.json"))
+                                      f"nnScd_preprocess -d {dataset} -c {configuration} -p {plans_name}",
+                                      _split_cases(splits_file))
+    problems += _fold_problems(fold, splits_file)
     problems += _network_problems(trainer_class, plans, configuration, dataset_json)
     if continue_training and not problems:
         fold_folder = os.path.join(str(nnUNet_results), name, f"{trainer_class.__name__}__{plans_name}__{configuration}",
@@ -565,4 +606,26 @@ def check_training_setup(dataset: str, configuration: str, fold: str, trainer_cl
         if problem:
             problems.append(f"--c: {problem}. Delete it to resume from the next checkpoint (final, latest, best), "
                             f"or start afresh without --c.")
+        elif chosen:
+            problems += _foreign_checkpoint_problems(chosen, {"trainer": trainer_class.__name__, "plans": plans_name,
+                                                              "configuration": configuration, "fold": fold})
     return problems
+
+
+def _foreign_checkpoint_problems(path: str, expected: Dict[str, str]) -> List[str]:
+    """--c: a checkpoint in this fold folder that another trainer, plans, configuration or fold wrote (copied in
+    by hand), which nnU-Net would load into the wrong network or resume with the wrong schedule."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    init_args = checkpoint.get("init_args", {})
+    found = {"trainer": checkpoint.get("trainer_name"), "plans": init_args.get("plans", {}).get("plans_name"),
+             "configuration": init_args.get("configuration"),
+             "fold": None if init_args.get("fold") is None else str(init_args["fold"])}
+    differ = {k: v for k, v in found.items() if v is not None and v != expected[k]}
+    if not differ:
+        return []
+    written = ", ".join(f"{k} {v}" for k, v in found.items())
+    wanted = ", ".join(f"{k} {expected[k]}" for k in differ)
+    return [f"--c: {path} was written by {written}, but this run is {wanted}. Resume it with the command that wrote "
+            f"it (in its own results folder), or move it away and start afresh without --c."]

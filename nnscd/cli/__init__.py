@@ -5,6 +5,7 @@ import sys
 from typing import Callable, NoReturn, TypeVar
 
 from nnscd.core.errors import UserError
+from nnscd.core.safe_io import disk_write_failure
 
 Main = TypeVar("Main", bound=Callable[..., None])
 
@@ -28,11 +29,17 @@ def check_environment(*extra_checks: Callable[[], object]) -> None:
 
 
 def console_script(main: Main) -> Main:
-    """`main` as a console script: a UserError it raises ends the command with the message and exit status 2."""
+    """`main` as a console script: a UserError it raises, or a write that failed for a full disk or a read-only
+    folder, ends the command with the message and exit status 2."""
     @functools.wraps(main)
     def script(*args, **kwargs) -> None:
         try:
             main(*args, **kwargs)
         except UserError as error:
             fail(str(error))
+        except OSError as error:
+            failure = disk_write_failure(error)
+            if failure is None:
+                raise
+            fail(str(failure))
     return script

@@ -9,13 +9,14 @@ import importlib
 import json
 import os
 import sys
-from typing import Callable, ContextManager, Iterator, List, Optional
+from typing import Callable, ContextManager, Iterator, List, Optional, Tuple
 
 from nnscd.cli import check_environment, console_script
 from nnscd.core import nnunet_hooks
 from nnscd.core.device import prepare_run
+from nnscd.core.folder_lock import folder_lock, held_locks
 from nnscd.core.errors import UserError
-from nnscd.core.safe_io import PARTIAL_PREFIX
+from nnscd.core.safe_io import PARTIAL_PREFIX, disk_errors_explained
 from nnscd.checks.trainer_names import find_trainer
 
 
@@ -108,10 +109,12 @@ def _check_raw_datasets(argv: List[str]) -> None:
 @contextlib.contextmanager
 def _planning_and_preprocessing() -> Iterator[None]:
     """Plans that name nnU-Net's DefaultPreprocessor get nnscd's, which writes each case atomically; the planner
-    runs with nnUNet_n_proc_DA=0 too."""
+    runs with nnUNet_n_proc_DA=0 too; a full or read-only nnUNet_preprocessed is named."""
+    from nnunetv2.paths import nnUNet_preprocessed
     from nnscd.core.atomic_preprocessor import nnScdPreprocessor
 
-    with nnunet_hooks.preprocessor_for_default(nnScdPreprocessor), nnunet_hooks.planner_threads_at_least_one():
+    with nnunet_hooks.preprocessor_for_default(nnScdPreprocessor), nnunet_hooks.planner_threads_at_least_one(), \
+            disk_errors_explained(str(nnUNet_preprocessed), atomic=False):
         yield
 
 
@@ -139,6 +142,7 @@ def train() -> None:
     """nnScd_train DATASET CONFIGURATION FOLD [-tr TRAINER] [--c] [--npz] [-device cpu] ... as nnUNetv2_train."""
     argv = sys.argv[1:]
     _prepare(argv, takes_device=True)
+    lock, disk_errors = contextlib.nullcontext(), contextlib.nullcontext()
     if not _asks_help(argv):
         trainer_class = find_trainer(_flag(argv, "-tr", "nnUNetTrainer"))
         from nnscd_trainers.nnscd_trainer import seed_from_environment
@@ -151,15 +155,21 @@ def train() -> None:
                                             _flag(argv, "-p", "nnUNetPlans"), "--c" in argv)
             if problems:
                 raise UserError(describe(problems, f"nnScd_train {' '.join(argv[:3])}"))
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this command; one lock
+                from nnunetv2.utilities.file_path_utilities import get_output_folder
+                fold_folder = get_output_folder(dataset, trainer_class.__name__, _flag(argv, "-p", "nnUNetPlans"),
+                                                configuration, fold)
+                lock = folder_lock(fold_folder, "nnscd_train", "nnScd_train of this fold")
+                disk_errors = disk_errors_explained(fold_folder, atomic=False)
     from nnunetv2.run.run_training import run_training_entry
     from nnscd.core.pretrained_weights import load_pretrained_weights
-    with nnunet_hooks.pretrained_weights_loader(load_pretrained_weights), nnunet_hooks.command_names_in_output():
+    with lock, disk_errors, nnunet_hooks.pretrained_weights_loader(load_pretrained_weights), \
+            nnunet_hooks.command_names_in_output():
         run_training_entry()
 
 
 def check_prediction_folders(input_folder: str, output_folder: str) -> None:
-    """UserError for an input folder that is missing, empty or the output folder; removes a killed run's partial
-    files from the output folder."""
+    """UserError for an input folder that is missing, empty or the output folder."""
     if not os.path.isdir(input_folder):
         raise UserError(f"input folder {input_folder} does not exist. Pass the folder holding the images (-i).")
     if not [f for f in os.listdir(input_folder) if not f.startswith(".")]:
@@ -168,10 +178,16 @@ def check_prediction_folders(input_folder: str, output_folder: str) -> None:
     if os.path.abspath(input_folder) == os.path.abspath(output_folder):
         raise UserError(f"output folder equals the input folder ({input_folder}). Predictions would mix with the "
                         f"images; choose another -o.")
-    if os.path.isdir(output_folder):  # leftovers of a killed run; finished cases are never partial files
-        for name in os.listdir(output_folder):
-            if name.startswith(PARTIAL_PREFIX):
-                os.remove(os.path.join(output_folder, name))
+
+
+def remove_partial_files(output_folder: str, own_lock: str) -> None:
+    """Remove the leftovers of killed runs from the output folder (finished cases are never partial files), unless
+    another part of this prediction (-num_parts) is running there and writing its own."""
+    if set(held_locks(output_folder)) - {own_lock}:
+        return
+    for name in os.listdir(output_folder):
+        if name.startswith(PARTIAL_PREFIX):
+            os.remove(os.path.join(output_folder, name))
 
 
 def _check_prediction_input(argv: List[str], model_folder: str) -> None:
@@ -216,6 +232,15 @@ def _model_folder_flag(argv: List[str]) -> str:
     return model_folder
 
 
+def _prediction_lock(argv: List[str]) -> Tuple[str, str]:
+    """The name of this run's lock on its output folder, and what it is: a second run of the same part refuses,
+    the parts of one prediction (-num_parts N -part_id K, nnU-Net's way to spread cases over processes) run side
+    by side."""
+    parts, part = _flag(argv, "-num_parts", "1"), _flag(argv, "-part_id", "0")
+    return ("nnscd_predict", "nnScd_predict") if parts == "1" else \
+        (f"nnscd_predict_part{part}of{parts}", f"nnScd_predict of part {part} of {parts}")
+
+
 def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]], str]) -> Callable[[], None]:
     """A console script running nnunetv2's predict `entry_point` with nnscd's predictor (same flags, safe exports),
     after checking the environment, the folders, the model (`model_folder_of`) and every input case."""
@@ -223,14 +248,23 @@ def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]],
     def command() -> None:
         argv = sys.argv[1:]
         _prepare(argv, takes_device=True)
+        output_folder, lock = _flag(argv, "-o", ""), contextlib.nullcontext()
         if not _asks_help(argv):
             check_environment()
-            check_prediction_folders(_flag(argv, "-i", ""), _flag(argv, "-o", ""))
+            check_prediction_folders(_flag(argv, "-i", ""), output_folder)
             _check_prediction_input(argv, model_folder_of(argv))
+            name, what = _prediction_lock(argv)
+            lock = folder_lock(output_folder, name, what)
         from nnscd.core.predictor import nnScdPredictor
 
         entry = getattr(importlib.import_module(nnunet_hooks.PREDICT_MODULE), entry_point)
-        with nnunet_hooks.entry_point_predictor(nnScdPredictor), nnunet_hooks.command_names_in_output():
+        part_id, num_parts = _flag(argv, "-part_id", "0"), _flag(argv, "-num_parts", "1")
+        predictor = nnScdPredictor.for_part(int(part_id), int(num_parts)) \
+            if part_id.isdigit() and num_parts.isdigit() else nnScdPredictor  # else nnU-Net's parser explains
+        with lock, disk_errors_explained(output_folder, atomic=False), \
+                nnunet_hooks.entry_point_predictor(predictor), nnunet_hooks.command_names_in_output():
+            if not _asks_help(argv):
+                remove_partial_files(output_folder, own_lock=name)
             entry()
 
     command.__doc__ = f"nnScd_ twin of nnunetv2's {entry_point}: same flags, nnscd's predictor and checks"

@@ -1,6 +1,8 @@
 """nnU-Net plans whose segmentation writer is atomic, so no export of nnU-Net's can leave a truncated file."""
 from functools import partial
 
+import numpy as np
+
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnscd.core.safe_io import atomic_path
@@ -20,6 +22,11 @@ class AtomicSegWriter:
     def write_seg(self, seg, output_fname: str, properties: dict) -> None:
         with atomic_path(output_fname) as tmp:
             self._rw.write_seg(seg, tmp, properties)
+            # SimpleITK reports no error when the disk fills (it leaves an empty or cut-off file, and reads a
+            # cut-off .nii.gz padded with zeros): only reading the file back shows that it holds the segmentation
+            written, _ = self._rw.read_seg(tmp)
+            if written.size != seg.size or not np.array_equal(written.reshape(seg.shape), seg):
+                raise RuntimeError(f"{tmp} does not read back as the segmentation written to it")
 
 
 class AtomicWritePlansManager(PlansManager):

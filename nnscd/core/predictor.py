@@ -90,6 +90,22 @@ class nnScdPredictor(nnUNetPredictor):
         super().manual_initialization(network, AtomicWritePlansManager(plans_manager.plans), configuration_manager,
                                       parameters, dataset_json, trainer_name, inference_allowed_mirroring_axes)
 
+    part: Tuple[int, int] = (0, 1)  # (part_id, num_parts) of the cases, for the sequential prediction
+
+    @classmethod
+    def for_part(cls, part_id: int, num_parts: int) -> type:
+        """This predictor for part `part_id` of `num_parts` of the cases (nnU-Net's -part_id / -num_parts)."""
+        return type(cls.__name__, (cls,), {"part": (part_id, num_parts)})
+
+    def _manage_input_and_output_lists(self, sources, outputs, previous_stage=None, overwrite: bool = True,
+                                       part_id: int = 0, num_parts: int = 1, save_probabilities: bool = False):
+        # nnU-Net 2.8's sequential prediction (-npp 0 -nps 0) asks for part 0 of 1 whatever -part_id and
+        # -num_parts say, so every part would predict every case
+        if (part_id, num_parts) == (0, 1):
+            part_id, num_parts = self.part
+        return super()._manage_input_and_output_lists(sources, outputs, previous_stage, overwrite, part_id,
+                                                      num_parts, save_probabilities)
+
     timed_forward_batch: Optional[int] = None  # set once the timing decided; per predictor, so per network
     _seconds_per_input: Optional[Dict[int, List[float]]] = None  # the timing so far
 

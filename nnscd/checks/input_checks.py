@@ -257,7 +257,7 @@ def _non_finite(path: str, array: np.ndarray) -> int:
 def _image_problems(path: str, rel: str, reader) -> List[str]:
     """Non-finite intensities of an image."""
     bad = _non_finite(path, reader.read_images((path,))[0])
-    return [f"{rel}: {bad} NaN/inf voxel(s). Replace them (e.g. by the image minimum) before planning: "
+    return [f"{rel}: {bad} NaN/inf voxel(s). Replace them (e.g. by the image minimum) and save the file again: "
             f"nnU-Net's normalisation spreads them over the whole image."] if bad else []
 
 

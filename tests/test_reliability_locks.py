@@ -4,10 +4,10 @@ flock locks belong to an open file, so a lock this test holds through its own fi
 in-process exactly as one held by another process would.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,16 +49,20 @@ def test_second_training_of_one_fold_refuses(nnunet_env, planned_dataset):
 
     fold = Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}" / "fold_2"
     made = not fold.exists()
+
+    def files():  # another test may have trained this fold already: its files must stay as they are
+        return {p.name: p.stat().st_mtime_ns for p in fold.iterdir() if not p.name.startswith(".")}
+
     try:
         with folder_lock(str(fold), "nnscd_train", "nnScd_train of this fold"):
+            before = files()
             refused = run_command(["nnScd_train", str(DATASET_ID), CONFIG, "2", "-tr", TRAINER, "-device", "cpu"],
                                   nnunet_env, check=False, in_process=True)
         assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
         assert f"{fold}: another nnScd_train of this fold is running there (pid {os.getpid()}" in refused.stderr
-        assert not [n for n in os.listdir(fold) if not n.startswith(".")]  # nothing trained, nothing written
+        assert files() == before  # nothing trained, nothing written
     finally:
         if made:
-            import shutil
             shutil.rmtree(fold)
 
 

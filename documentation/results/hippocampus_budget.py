@@ -3,7 +3,8 @@
 For every trained `*_budget` (equal iterations) and `*_equalcompute` trainer on Hippocampus fold 0: Dice per class
 and mean over the 42 validation cases, the paired per-case difference with its 95% t-interval against nnU-Net's U-Net
 (nnScdTrainer_budget) and against the dense twin, training wall time (nnU-Net's epoch timestamps), iterations and
-forward GFLOPs per tile.
+forward GFLOPs per tile. Runs already in --out's JSON are kept (trained models are never committed); a run found
+again under nnUNet_results replaces its entry.
 
     nnUNet_results=... nnUNet_raw=... nnUNet_preprocessed=... python documentation/results/hippocampus_budget.py \
         --out documentation/results
@@ -83,9 +84,12 @@ def main() -> None:
     settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
     models = sorted(m for view in ("budget", "equalcompute") for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
-    records = {m.name.split("__")[0]: record(m) for m in models
-               if (m / "fold_0" / "validation" / "summary.json").is_file()}
     out = Path(args.out)
+    committed = out / "hippocampus_budget_fold0_cpu.json"  # runs of earlier sessions, whose models are gone
+    records = json.loads(committed.read_text()) if committed.is_file() else {}
+    records.update({m.name.split("__")[0]: record(m) for m in models
+                    if (m / "fold_0" / "validation" / "summary.json").is_file()})
+    records = dict(sorted(records.items()))
     (out / "hippocampus_budget_fold0_cpu.json").write_text(json.dumps(records, indent=1))
     (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
     print(table(records))

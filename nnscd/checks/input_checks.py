@@ -482,8 +482,10 @@ def _preprocessed_problems(folder: str, num_cases: int, rerun: str, expected_cas
                 (f", missing: {', '.join(missing[:5])}" if missing else "")
         return [f"{folder}: preprocessing did not finish ({len(cases) - len(incomplete)} of {num_cases} cases "
                 f"complete{named}). Run {rerun}."]
-    readers = (("_seg.b2nd", lambda path: blosc2.open(path, mode="r")),
-               (".b2nd", lambda path: blosc2.open(path, mode="r")), (".pkl", _load_pickle))
+    def open_b2nd(path: str) -> None:
+        blosc2.open(path, mode="r")
+
+    readers = (("_seg.b2nd", open_b2nd), (".b2nd", open_b2nd), (".pkl", _load_pickle))
     damaged = []
     for case in sorted(cases):
         for suffix, read in readers:

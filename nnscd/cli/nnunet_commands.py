@@ -9,7 +9,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Callable, ContextManager, Iterator, List, Optional, Tuple
+from typing import Callable, ContextManager, Iterator, List, Optional
 
 from nnscd.cli import check_environment, console_script
 from nnscd.core import nnunet_hooks
@@ -232,13 +232,17 @@ def _model_folder_flag(argv: List[str]) -> str:
     return model_folder
 
 
-def _prediction_lock(argv: List[str]) -> Tuple[str, str]:
-    """The name of this run's lock on its output folder, and what it is: a second run of the same part refuses,
-    the parts of one prediction (-num_parts N -part_id K, nnU-Net's way to spread cases over processes) run side
-    by side."""
-    parts, part = _flag(argv, "-num_parts", "1"), _flag(argv, "-part_id", "0")
-    return ("nnscd_predict", "nnScd_predict") if parts == "1" else \
-        (f"nnscd_predict_part{part}of{parts}", f"nnScd_predict of part {part} of {parts}")
+@contextlib.contextmanager
+def _claim_output_folder(output_folder: str, part_id: str, num_parts: str) -> Iterator[None]:
+    """Hold this run's lock on the output folder, then remove what killed runs left there.
+
+    A second run of the same part refuses; the parts of one prediction (-num_parts N -part_id K, nnU-Net's way to
+    spread cases over processes) take one lock each and run side by side."""
+    name, what = ("nnscd_predict", "nnScd_predict") if num_parts == "1" else \
+        (f"nnscd_predict_part{part_id}of{num_parts}", f"nnScd_predict of part {part_id} of {num_parts}")
+    with folder_lock(output_folder, name, what):
+        remove_partial_files(output_folder, own_lock=name)
+        yield
 
 
 def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]], str]) -> Callable[[], None]:
@@ -248,23 +252,20 @@ def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]],
     def command() -> None:
         argv = sys.argv[1:]
         _prepare(argv, takes_device=True)
-        output_folder, lock = _flag(argv, "-o", ""), contextlib.nullcontext()
+        output_folder, claim = _flag(argv, "-o", ""), contextlib.nullcontext()
+        part_id, num_parts = _flag(argv, "-part_id", "0"), _flag(argv, "-num_parts", "1")
         if not _asks_help(argv):
             check_environment()
             check_prediction_folders(_flag(argv, "-i", ""), output_folder)
             _check_prediction_input(argv, model_folder_of(argv))
-            name, what = _prediction_lock(argv)
-            lock = folder_lock(output_folder, name, what)
+            claim = _claim_output_folder(output_folder, part_id, num_parts)
         from nnscd.core.predictor import nnScdPredictor
 
         entry = getattr(importlib.import_module(nnunet_hooks.PREDICT_MODULE), entry_point)
-        part_id, num_parts = _flag(argv, "-part_id", "0"), _flag(argv, "-num_parts", "1")
         predictor = nnScdPredictor.for_part(int(part_id), int(num_parts)) \
             if part_id.isdigit() and num_parts.isdigit() else nnScdPredictor  # else nnU-Net's parser explains
-        with lock, disk_errors_explained(output_folder, atomic=False), \
+        with claim, disk_errors_explained(output_folder, atomic=False), \
                 nnunet_hooks.entry_point_predictor(predictor), nnunet_hooks.command_names_in_output():
-            if not _asks_help(argv):
-                remove_partial_files(output_folder, own_lock=name)
             entry()
 
     command.__doc__ = f"nnScd_ twin of nnunetv2's {entry_point}: same flags, nnscd's predictor and checks"

@@ -53,7 +53,8 @@ def folder_lock(folder: str, name: str, what: str) -> Iterator[None]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.write(fd, holder.encode())
         yield
     finally:
         os.unlink(path)  # while still holding it: a run waiting on this file sees it gone and retries

@@ -40,7 +40,8 @@ def write_failure(folder: Optional[str], error: BaseException, atomic: bool = Tr
     if reason is None:
         return None
     left = "nothing half-written was left, and finished work is kept" if atomic else "finished work is kept"
-    return UserError(f"cannot write {f'in {folder}' if folder else 'a file'}: {reason} ({type(error).__name__}: {str(error)[:200]}). Free space "
+    where = f"in {folder}" if folder else "a file"
+    return UserError(f"cannot write {where}: {reason} ({type(error).__name__}: {str(error)[:200]}). Free space "
                      f"there (or make it writable, or point nnUNet_preprocessed / nnUNet_results / -o at another disk) "
                      f"and rerun the same command: {left} (nnScd_train resumes with --c, nnScd_predict with "
                      f"--continue_prediction).")

@@ -82,6 +82,21 @@ def test_3d_fullres_trains_predicts_and_segments(nnunet_env, planned_dataset, tr
     assert min(dice.values()) >= MIN_DICE, dice
 
 
+def test_onnx_export_predicts_the_torch_labels_with_query_pruning(nnunet_env, planned_dataset, trained_3d,
+                                                                 tmp_path):
+    """The exported graph computes every query and masks the pruned ones; torch gathers the kept ones. A trained
+    foreground head prunes 0.2-0.5 of the queries (next test), so both paths are really compared."""
+    export, images = tmp_path / "export", str(planned_dataset / "imagesTs")
+    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-f", "4", "-o",
+                 str(export)], nnunet_env, in_process=True)
+    flags = ["-f", "4", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"]
+    run_command(["nnScd_predict", "-i", images, "-o", str(tmp_path / "torch"), "-d", str(DATASET_ID), "-c",
+                 "3d_fullres", "-tr", TRAINER, *flags], nnunet_env, in_process=True)
+    run_command(["nnScd_predict_from_modelfolder", "-i", images, "-o", str(tmp_path / "onnx"), "-m", str(export),
+                 *flags], nnunet_env, in_process=True)
+    assert min(dice_per_class(tmp_path / "onnx", tmp_path / "torch", [1, 2]).values()) >= 0.999
+
+
 def test_pruning_rates_logged_every_epoch_printed_and_plotted(trained_3d):
     fold_dir = trained_3d["fold_dir"]
     history = _logging_of(fold_dir / "checkpoint_final.pth")

@@ -29,17 +29,23 @@ def test_dataset_mode_times_the_trainer_with_and_without_data_loading(nnunet_env
         "a benchmark must not write into the user's results"
 
 
-def test_predict_mode_times_both_predictors_and_checks_they_agree(nnunet_env, planned_dataset, trained_model,
-                                                                   tmp_path):
+def test_predict_mode_times_the_predictors_and_checks_they_agree(nnunet_env, planned_dataset, trained_model,
+                                                                  tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     case = sorted((planned_dataset / "imagesTs").iterdir())[0]
     (images / case.name).symlink_to(case)
+    export = tmp_path / "export"
+    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", CONFIG, "-tr", TRAINER, "-f", "0", "-o",
+                 str(export)], nnunet_env, in_process=True)
     run_command(["nnScd_benchmark", "--predict", "-i", str(images), "-d", str(DATASET_ID), "-c", CONFIG, "-tr",
-                 TRAINER, "-f", "0", "--device", "cpu", "--iters", "1", "--disable_tta", "--json",
-                 str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv")], nnunet_env)
+                 TRAINER, "-f", "0", "--device", "cpu", "--iters", "1", "--disable_tta", "--onnx", str(export),
+                 "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv")], nnunet_env)
     report = json.loads((tmp_path / "p.json").read_text())
     (row,) = report["cases"]
     assert row["case"] == case.name and row["tiles"] == 1 and row["nnunet_s"] > 0 and row["nnscd_s"] > 0
     assert row["identical_fraction"] > 0.999 and report["min_dice_between_predictors"] >= 0.999
+    assert row["onnx_s"] > 0 and row["onnx_identical_fraction"] > 0.999 and report["onnx_min_dice"] >= 0.999
     assert report["mirroring"] is False and report["forward_batch_from"] == "timing"
+    with open(tmp_path / "p.csv") as f:
+        assert float(next(csv.DictReader(f))["onnx_min_dice"]) >= 0.999

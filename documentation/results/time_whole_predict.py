@@ -1,11 +1,13 @@
-"""Whole-run wall time of `nnUNetv2_predict` against `nnScd_predict`: same model, cases and flags, in turns.
+"""Whole-run wall time of `nnUNetv2_predict` against `nnScd_predict` (and, with --onnx, against
+`nnScd_predict_from_modelfolder -m EXPORT`, onnxruntime): same model, cases and flags, in turns.
 
     python documentation/results/time_whole_predict.py -i IMAGES -d 4 -c 3d_fullres -tr TRAINER -p PLANS -f 0 \
-        --repeats 2 --json OUT.json [--nnscd-env nnScd_cpu_bf16=1]
+        --repeats 2 --json OUT.json [--nnscd-env nnScd_cpu_bf16=1] [--onnx EXPORT] [--extra -npp 0 -nps 0]
 
 Each command runs as a user types it, with `-device cpu` and a fresh output folder, and is timed from start to
-exit (process start, preprocessing, sliding window, export). `--nnscd-env` sets variables for nnScd_predict only.
-Afterwards the label files of the two are compared case by case (Dice per class, identical voxels).
+exit (process start, preprocessing, sliding window, export). `--nnscd-env` sets variables for nnScd_predict only;
+`--extra` adds flags to every command. Afterwards the label files of each are compared with nnUNetv2_predict's
+case by case (Dice per class, identical voxels).
 """
 import argparse
 import json
@@ -56,36 +58,46 @@ def main() -> None:
     parser.add_argument("-f", default="0")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--nnscd-env", nargs="*", default=[], help="NAME=VALUE for nnScd_predict only")
+    parser.add_argument("--onnx", type=Path, help="an nnScd_export_onnx folder of the same model: also onnxruntime")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for every command (last)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
-    flags = ["-i", str(args.i), "-d", args.d, "-c", args.c, "-tr", args.tr, "-p", args.p, "-f", args.f,
-             "-device", "cpu", "--disable_progress_bar"]
+    common = ["-i", str(args.i), "-f", args.f, "-device", "cpu", "--disable_progress_bar", *args.extra]
+    model = ["-d", args.d, "-c", args.c, "-tr", args.tr, "-p", args.p]
     # nnU-Net finds nnscd's trainers through nnUNet_extTrainer, as a user would point it there
     env = {**os.environ, "nnUNet_extTrainer": TRAINER_LOOKUP_FOLDER}
-    commands = {"nnunet": (str(BIN / "nnUNetv2_predict"), env),
-                "nnscd": (str(BIN / "nnScd_predict"), {**env, **dict(v.split("=", 1) for v in args.nnscd_env)})}
-    seconds = {name: [] for name in commands}
+    commands = {"nnunet": ([str(BIN / "nnUNetv2_predict"), *model, *common], env),
+                "nnscd": ([str(BIN / "nnScd_predict"), *model, *common],
+                          {**env, **dict(v.split("=", 1) for v in args.nnscd_env)})}
+    if args.onnx:
+        commands["onnx"] = ([str(BIN / "nnScd_predict_from_modelfolder"), "-m", str(args.onnx), *common], env)
+    names = list(commands)
+    seconds = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        outputs = {name: Path(tmp) / name for name in commands}
-        for repeat in range(args.repeats):  # in turns, so both see the same load on average
-            for name in (("nnunet", "nnscd") if repeat % 2 == 0 else ("nnscd", "nnunet")):
+        outputs = {name: Path(tmp) / name for name in names}
+        for repeat in range(args.repeats):  # in turns, each starting in its turn, so all see the same load on average
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
                 shutil.rmtree(outputs[name], ignore_errors=True)
-                program, variables = commands[name]
-                seconds[name].append(timed_run([program, *flags, "-o", str(outputs[name])], variables))
+                command, variables = commands[name]
+                seconds[name].append(timed_run([*command, "-o", str(outputs[name])], variables))
                 print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
-        cases = agreement_per_case(outputs["nnscd"], outputs["nnunet"])
+        agreements = {name: agreement_per_case(outputs[name], outputs["nnunet"]) for name in names[1:]}
     medians = {name: statistics.median(s) for name, s in seconds.items()}
+    cases = agreements["nnscd"]
     report = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "cases": len(cases),
-              "nnscd_env": args.nnscd_env, "seconds": seconds, "median_s": medians,
-              "speedup": medians["nnunet"] / medians["nnscd"],
-              "identical_cases": sum(c["identical_fraction"] == 1.0 for c in cases.values()),
-              "min_dice": min(min(c["dice"].values(), default=1.0) for c in cases.values()), "per_case": cases}
+              "nnscd_env": args.nnscd_env, "seconds": seconds, "median_s": medians}
+    for name, per_case in agreements.items():
+        prefix = "" if name == "nnscd" else f"{name}_"
+        report |= {f"{prefix}speedup": medians["nnunet"] / medians[name],
+                   f"{prefix}identical_cases": sum(c["identical_fraction"] == 1.0 for c in per_case.values()),
+                   f"{prefix}min_dice": min(min(c["dice"].values(), default=1.0) for c in per_case.values()),
+                   f"{prefix}per_case": per_case}
+        print(f"{len(per_case)} cases: nnUNetv2_predict {medians['nnunet']:.1f} s, {name} {medians[name]:.1f} s, "
+              f"{medians['nnunet'] / medians[name]:.2f}x; identical labels in {report[prefix + 'identical_cases']}/"
+              f"{len(per_case)} cases, lowest Dice against nnU-Net's {report[prefix + 'min_dice']:.5f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    print(f"{len(cases)} cases: nnUNetv2_predict {medians['nnunet']:.1f} s, nnScd_predict {medians['nnscd']:.1f} s, "
-          f"{report['speedup']:.2f}x; identical labels in {report['identical_cases']}/{len(cases)} cases, lowest "
-          f"Dice between the two {report['min_dice']:.5f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnscd.core.errors import UserError
+from nnscd.core.onnx_models import export_problems, is_export, read_export
+
 MAX_REPORTED = 20  # problems listed in one message; the rest are counted
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 SPACING_TOLERANCE = 1e-3  # relative, also for direction cosines (NIfTI headers store float32)
@@ -413,11 +416,28 @@ def check_checkpoint(path: str) -> Optional[str]:
 
 
 def _model_configuration(model_folder: str) -> Tuple[dict, dict, str]:
+    """dataset.json, plans and configuration of a trained model folder or an ONNX export (UserError if its sidecar
+    is unusable)."""
+    if is_export(model_folder):
+        export = read_export(model_folder)
+        return export.dataset_json, export.plans, export.configuration
     with open(os.path.join(model_folder, "dataset.json")) as f:
         dataset_json = json.load(f)
     with open(os.path.join(model_folder, "plans.json")) as f:
         plans = json.load(f)
     return dataset_json, plans, os.path.basename(os.path.normpath(model_folder)).split("__")[-1]
+
+
+def _checkpoint_problems(model_folder: str, folds: Sequence[str], checkpoint_name: str) -> List[str]:
+    trained = sorted(n[len("fold_"):] for n in os.listdir(model_folder)
+                     if n.startswith("fold_") and os.path.isfile(os.path.join(model_folder, n, checkpoint_name)))
+    problems = []
+    for fold in folds:
+        problem = check_checkpoint(os.path.join(model_folder, f"fold_{fold}", checkpoint_name))
+        if problem:
+            problems.append(f"-f {fold}: {problem}. Folds with {checkpoint_name}: {', '.join(trained) or 'none'}; "
+                            f"pass those with -f (or finish training fold {fold}).")
+    return problems
 
 
 def check_prediction_input(input_folder: str, model_folder: str, folds: Sequence[str],
@@ -431,15 +451,12 @@ def check_prediction_input(input_folder: str, model_folder: str, folds: Sequence
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    problems = []
-    trained = sorted(n[len("fold_"):] for n in os.listdir(model_folder)
-                     if n.startswith("fold_") and os.path.isfile(os.path.join(model_folder, n, checkpoint_name)))
-    for fold in folds:
-        problem = check_checkpoint(os.path.join(model_folder, f"fold_{fold}", checkpoint_name))
-        if problem:
-            problems.append(f"-f {fold}: {problem}. Folds with {checkpoint_name}: {', '.join(trained) or 'none'}; "
-                            f"pass those with -f (or finish training fold {fold}).")
-    dataset_json, plans, configuration = _model_configuration(model_folder)
+    problems = export_problems(model_folder, folds) if is_export(model_folder) else \
+        _checkpoint_problems(model_folder, folds, checkpoint_name)
+    try:
+        dataset_json, plans, configuration = _model_configuration(model_folder)
+    except UserError:  # an unusable sidecar, already among the problems
+        return problems
     cases, found = group_channel_files(input_folder, dataset_json["file_ending"], dataset_json["channel_names"])
     problems += found
     ending = dataset_json["file_ending"]

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-i", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
     predict.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
     predict.add_argument("--disable_tta", action="store_true", help="no mirroring")
+    predict.add_argument("--onnx", metavar="EXPORT", help="also onnxruntime on this nnScd_export_onnx folder of the "
+                                                           "same model (CPU)")
     _common(predict, "predict")
     predict.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)  # accepted, as before: unused
     predict.add_argument("--plot", help=argparse.SUPPRESS)  # accepted, as before: predict mode draws none
@@ -93,6 +95,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error("--amp is for --device cuda (fp16 autocast is how nnU-Net trains there)")
     if args.mode == "predict" and not os.path.isdir(args.i):
         parser.error(f"-i {args.i} is not a folder")
+    if args.mode == "predict" and args.onnx and args.device != "cpu":
+        parser.error("--onnx runs onnxruntime on the CPU: add --device cpu")
     return args
 
 

@@ -15,6 +15,7 @@ from nnscd.cli import check_environment, console_script
 from nnscd.core import nnunet_hooks
 from nnscd.core.device import prepare_run
 from nnscd.core.folder_lock import folder_lock, held_locks
+from nnscd.core.onnx_models import SIDECAR, is_export
 from nnscd.core.errors import UserError
 from nnscd.core.safe_io import PARTIAL_PREFIX, disk_errors_explained
 from nnscd.checks.trainer_names import find_trainer
@@ -203,13 +204,11 @@ def _check_prediction_input(argv: List[str], model_folder: str) -> None:
         raise UserError(describe(problems, f"the prediction of {input_folder} with {model_folder}"))
 
 
-def _model_folder_of_trainer(argv: List[str]) -> str:
-    """nnScd_predict: the model folder that -d, -tr, -p and -c name, which must exist."""
+def trained_model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    """The model folder of a trained model named as nnU-Net names it (-d, -tr, -p, -c); UserError if absent."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    trainer = _flag(argv, "-tr", "nnUNetTrainer")
     find_trainer(trainer)
-    dataset, plans, configuration = _flag(argv, "-d", ""), _flag(argv, "-p", "nnUNetPlans"), _flag(argv, "-c", "")
     try:
         model_folder = get_output_folder(dataset, trainer, plans, configuration)
     except RuntimeError as e:  # maybe_convert_to_dataset_name: no such dataset anywhere
@@ -223,12 +222,19 @@ def _model_folder_of_trainer(argv: List[str]) -> str:
     return model_folder
 
 
+def _model_folder_of_trainer(argv: List[str]) -> str:
+    """nnScd_predict: the model folder that -d, -tr, -p and -c name, which must exist."""
+    return trained_model_folder(_flag(argv, "-d", ""), _flag(argv, "-tr", "nnUNetTrainer"),
+                                _flag(argv, "-p", "nnUNetPlans"), _flag(argv, "-c", ""))
+
+
 def _model_folder_flag(argv: List[str]) -> str:
-    """nnScd_predict_from_modelfolder: the folder -m names, which must hold plans.json."""
+    """nnScd_predict_from_modelfolder: the folder -m names, which must hold plans.json or be an ONNX export."""
     model_folder = _flag(argv, "-m", "")
-    if not os.path.isfile(os.path.join(model_folder, "plans.json")):
-        raise UserError(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
-                        f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
+    if not os.path.isfile(os.path.join(model_folder, "plans.json")) and not is_export(model_folder):
+        raise UserError(f"{model_folder} is neither a trained model folder (no plans.json) nor an ONNX export (no "
+                        f"{SIDECAR}). Pass the folder TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders, "
+                        f"or a folder written by nnScd_export_onnx (-m).")
     return model_folder
 
 
@@ -252,18 +258,21 @@ def _prediction_command(entry_point: str, model_folder_of: Callable[[List[str]],
     def command() -> None:
         argv = sys.argv[1:]
         _prepare(argv, takes_device=True)
-        output_folder, claim = _flag(argv, "-o", ""), contextlib.nullcontext()
+        output_folder, claim, onnx = _flag(argv, "-o", ""), contextlib.nullcontext(), False
         part_id, num_parts = _flag(argv, "-part_id", "0"), _flag(argv, "-num_parts", "1")
         if not _asks_help(argv):
             check_environment()
             check_prediction_folders(_flag(argv, "-i", ""), output_folder)
-            _check_prediction_input(argv, model_folder_of(argv))
+            model_folder = model_folder_of(argv)
+            _check_prediction_input(argv, model_folder)
+            onnx = is_export(model_folder)
             claim = _claim_output_folder(output_folder, part_id, num_parts)
-        from nnscd.core.predictor import nnScdPredictor
+        from nnscd.core.predictor import nnScdOnnxPredictor, nnScdPredictor
 
         entry = getattr(importlib.import_module(nnunet_hooks.PREDICT_MODULE), entry_point)
-        predictor = nnScdPredictor.for_part(int(part_id), int(num_parts)) \
-            if part_id.isdigit() and num_parts.isdigit() else nnScdPredictor  # else nnU-Net's parser explains
+        predictor = nnScdOnnxPredictor if onnx else nnScdPredictor
+        if part_id.isdigit() and num_parts.isdigit():  # else nnU-Net's parser explains
+            predictor = predictor.for_part(int(part_id), int(num_parts))
         with claim, disk_errors_explained(output_folder, atomic=False), \
                 nnunet_hooks.entry_point_predictor(predictor), nnunet_hooks.command_names_in_output():
             entry()

@@ -8,11 +8,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
 from nnscd.core.device import synchronize
+from nnscd.core.errors import UserError
+from nnscd.core.onnx_models import OnnxRuntimeNetwork, read_export
 
 # Largest forward batch at inference, as a multiple of the plans' training batch: a forward without gradients
 # keeps no activations for backward, so it fits where training fit. Setting `nnScd_predict_batch_factor` fixes the
@@ -105,6 +108,23 @@ class nnScdPredictor(nnUNetPredictor):
             part_id, num_parts = self.part
         return super()._manage_input_and_output_lists(sources, outputs, previous_stage, overwrite, part_id,
                                                       num_parts, save_probabilities)
+
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: Optional[str] = None, num_parts: int = 1,
+                           part_id: int = 0):
+        # -npp 0 -nps 0: nnU-Net's predict_entry_point predicts sequentially, its model-folder twin (the command for
+        # ONNX exports) passes the zeros on and fails in multiprocessing.Pool(0)
+        if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
+            return self.predict_from_files_sequential(list_of_lists_or_source_folder,
+                                                      output_folder_or_list_of_truncated_output_files,
+                                                      save_probabilities, overwrite, folder_with_segs_from_prev_stage)
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
 
     timed_forward_batch: Optional[int] = None  # set once the timing decided; per predictor, so per network
     _seconds_per_input: Optional[Dict[int, List[float]]] = None  # the timing so far
@@ -202,3 +222,30 @@ class nnScdPredictor(nnUNetPredictor):
             empty_cache(self.device)
             empty_cache(results_device)
             raise
+
+
+class nnScdOnnxPredictor(nnScdPredictor):
+    """nnScdPredictor whose network is an ONNX export (nnScd_export_onnx) run by onnxruntime on the CPU: the model
+    folder it is initialised from is the export folder. Preprocessing, sliding window, batching, mirroring,
+    ensembling of folds and export are the torch predictor's, so labels agree with it up to floating-point order.
+    """
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        if self.device.type != "cpu":
+            raise UserError(f"-device {self.device.type} with an ONNX export: onnxruntime runs it on the CPU here "
+                            f"(the onnxruntime package has no GPU provider). Pass -device cpu, or predict with the "
+                            f"trained model folder (nnScd_predict) on the GPU.")
+        if cpu_bf16_requested():
+            raise UserError(f"{CPU_BF16_ENV}=1 sets torch's bf16 autocast, which an ONNX model run by onnxruntime "
+                            f"does not use. Unset {CPU_BF16_ENV}.")
+        folds = [str(f) for f in ([use_folds] if isinstance(use_folds, str) else use_folds or [])]
+        export = read_export(model_training_output_dir, folds)
+        folds = folds or list(export.folds)
+        plans_manager = PlansManager(export.plans)
+        self.manual_initialization(OnnxRuntimeNetwork(model_training_output_dir, export, folds), plans_manager,
+                                   plans_manager.get_configuration(export.configuration),
+                                   OnnxRuntimeNetwork.parameters_of(folds), export.dataset_json,
+                                   export.trainer_name, export.inference_allowed_mirroring_axes)

@@ -228,7 +228,9 @@ class PrunedTransformer(nn.Module):
     def forward(self, x: Tensor, keep: Tensor | None) -> tuple[Tensor, list[AttnAux]]:
         """x (B, N, C) -> (B, N, C) and one AttnAux per block."""
         idx, rows = None, keep
-        if keep is not None and not self.training:
+        # an exported graph has fixed shapes, and the kept count depends on the image: there every query is computed
+        # and pruned ones masked (the training path: the same output, without QP's saving)
+        if keep is not None and not self.training and not torch.onnx.is_in_onnx_export():
             k = int(keep.sum(1).max())  # one host sync per forward: the batch's largest kept count sizes the gather
             idx = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :k]          # (B, k) kept first
             rows = keep.gather(1, idx)

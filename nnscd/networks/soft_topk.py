@@ -17,7 +17,12 @@ ESTIMATORS = ("perturbed", "gumbel")
 
 
 def num_kept(live: int, keep: float, min_tokens: int) -> int:
-    """K = max(min_tokens, round(keep * live)), never 0 and never more than the live tokens."""
+    """K = max(min_tokens, round(keep * live)), never 0 and never more than the live tokens.
+
+    int(live): under ONNX export the sequence length is a traced size; K stays a constant of the exported graph,
+    which is right, since the patch (hence the token count) is fixed there and only the batch axis varies.
+    """
+    live = int(live)
     return max(1, min(live, max(min_tokens, round(keep * live))))
 
 

@@ -256,7 +256,7 @@ class SoftTopKPruning(nn.Module):
         raw = self.scorer(x).float()  # (B, L_live), fp32: the noise scale must mean the same
         self.last_scores = (raw, positions) if self.training else None
         scores = standardise(raw)
-        order = scores.argsort(dim=1, descending=True, stable=True)
+        order = scores.argsort(dim=1, descending=True)  # not stable=True: ONNX has no stable sort; ties are measure zero
         keep_idx, drop_idx = order[:, :k], order[:, k:]
         kept, dropped = gather_tokens(x, keep_idx), gather_tokens(x, drop_idx)
         kept_weight = dropped_weight = None
@@ -378,7 +378,8 @@ class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of every voxel of a (B, C, *spatial) map (Primus' LayerNormNd)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+        last = x.ndim - 1  # not -1: ONNX export writes a negative axis into Transpose, which onnxruntime rejects
+        return super().forward(x.movedim(1, last)).movedim(last, 1)
 
 
 class LightDecoder(nn.Module):

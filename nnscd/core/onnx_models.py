@@ -35,7 +35,7 @@ class OnnxExport:
     num_input_channels: int
     num_segmentation_heads: int
     inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]
-    folds: Dict[str, dict]  # fold -> {"file", "sha256", "max_abs_difference", "quantization"}
+    folds: Dict[str, dict]  # fold -> {"file", "sha256", "relative_difference", "quantization"}
     plans: dict
     dataset_json: dict
     opset: int

@@ -117,15 +117,15 @@ def export_model_folder(model_folder: str, folds: Sequence[str], output_folder: 
                 raise UserError(f"fold {fold}: onnxruntime's logits differ from torch's by {difference:.2e} of the "
                                 f"largest logit (at most {RELATIVE_TOLERANCE:.0e} accepted), so {what} exported "
                                 f"wrongly; nothing was written.")
-            entry = {"file": name, "max_abs_difference": difference, "quantization": quantization}
+            entry = {"file": name, "relative_difference": difference, "quantization": quantization}
             if quantization == "int8":
                 quantize_int8(path, path + ".int8")
                 os.replace(path + ".int8", path)
-                entry["max_abs_difference"] = max_difference(network, path, example.shape[1:])
+                entry["relative_difference"] = max_difference(network, path, example.shape[1:])
             entries[fold] = {**entry, "sha256": sha256(path)}
             if verbose:
                 tqdm.write(f"fold {fold}: {name}; onnxruntime vs torch ({quantization}): largest logit difference "
-                           f"{entry['max_abs_difference']:.2e} of the largest logit")
+                           f"{entry['relative_difference']:.2e} of the largest logit")
         export = OnnxExport(
             trainer_name=predictor.trainer_name, plans_identifier=predictor.plans_manager.plans_name,
             configuration=_configuration_name(model_folder, folds[0], checkpoint), patch_size=patch,

@@ -22,6 +22,10 @@ from nnscd.core.onnx_models import OnnxRuntimeNetwork, read_export
 # forward batch at that multiple; unset, the predictor times this largest batch against batch 1 on its first
 # tiles and keeps the faster (on a CPU large 3D inputs can run slower batched than one by one).
 BATCH_FACTOR_ENV, DEFAULT_BATCH_FACTOR = "nnScd_predict_batch_factor", 2.0
+# The timing keeps a way after one turn each when it is this much faster per input; closer calls get a second turn.
+# Where batching loses on a CPU it loses by far (the ViT ran batch 8 at half the speed per input of batch 1), so it
+# costs one batched group, not two.
+CLEAR_MARGIN = 1.25
 
 # nnU-Net runs the network under fp16 autocast on a GPU and in fp32 on a CPU, since autocast is slow on CPUs
 # without bf16 instructions. `nnScd_cpu_bf16=1` runs it under bf16 autocast on a CPU that has them (oneDNN's bf16
@@ -73,9 +77,9 @@ class nnScdPredictor(nnUNetPredictor):
     CPU PyTorch takes its slow batch-1 path for 3D convolutions; nnU-Net issue 2504). Here each forward takes up to
     `forward_batch` inputs: every mirrored copy of as many tiles as fit. Tiles are accumulated in nnU-Net's order
     with nnU-Net's Gaussian and fp16 buffers, so outputs agree with nnUNetv2_predict up to floating-point order.
-    Unless `nnScd_predict_batch_factor` is set, the first four groups of tiles with more than one input take turns
-    between one by one and one batch, and the faster way per input (best of two) is kept for the rest of the run:
-    the timing costs no forwards the run does not need.
+    Unless `nnScd_predict_batch_factor` is set, the first groups of tiles with more than one input take turns
+    between one by one and one batch (two groups when one way is clearly faster, else four, best of two), and the
+    faster way per input is kept for the rest of the run: the timing costs no forwards the run does not need.
     With `nnScd_cpu_bf16=1` a CPU runs the network under bf16 autocast.
 
     `--continue_prediction` skips a case whose segmentation exists; since that file is renamed into place after
@@ -145,28 +149,33 @@ class nnScdPredictor(nnUNetPredictor):
 
     def _run_network(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of inputs (N, C, *patch), forward_batch at a time. Until that is decided, groups of more than one
-        input take turns: one by one, then in one batch, and again; then the faster per input (best of two, so
-        one hiccup of a busy machine does not decide) is kept. Every timed group is one the run needs anyway."""
+        input take turns: one by one, then in one batch. A way that is CLEAR_MARGIN faster per input is kept at
+        once; a close call gets a second turn each, and the faster per input (best of two, so one hiccup of a busy
+        machine does not decide) is kept. Every timed input is one the run needs anyway, and the run's first
+        forward, which pays one-off set-up, is part of the first group but not timed."""
         undecided = batch_factor_from_environment() is None and self.timed_forward_batch is None
         if not undecided or self.forward_batch == 1 or len(inputs) == 1:
             return self._forward(inputs, self.forward_batch)
-        if self._seconds_per_input is None:
-            self._forward(inputs[:1], 1)  # warm-up, so first-call set-up counts against neither way
+        first = self._seconds_per_input is None
+        if first:
             self._seconds_per_input = {1: [], min(self.forward_batch, len(inputs)): []}
         timings = self._seconds_per_input  # {batch: [seconds per input, ...]}; the batch measured is the batch kept
         size = min(timings, key=lambda batch: len(timings[batch]))  # in turns, one by one first
+        untimed = [self._forward(inputs[:1], 1)] if first else []
+        timed = inputs[len(untimed):]
         synchronize(self.device)
         start = time.perf_counter()
-        logits = self._forward(inputs, size)
+        logits = self._forward(timed, size)
         synchronize(self.device)
-        timings[size].append((time.perf_counter() - start) / len(inputs))
-        if all(len(seconds) == 2 for seconds in timings.values()):
+        timings[size].append((time.perf_counter() - start) / len(timed))
+        if all(timings.values()):
             best = {batch: min(seconds) for batch, seconds in timings.items()}
-            self.timed_forward_batch = min(best, key=best.get)
-            if self.verbose:
-                print(f"nnScdPredictor: per input one by one {best[1]:.4f} s, in batches of {max(best)} "
-                      f"{best[max(best)]:.4f} s; forward batch {self.timed_forward_batch}")
-        return logits
+            if max(best.values()) >= CLEAR_MARGIN * min(best.values()) or all(len(s) == 2 for s in timings.values()):
+                self.timed_forward_batch = min(best, key=best.get)
+                if self.verbose:
+                    print(f"nnScdPredictor: per input one by one {best[1]:.4f} s, in batches of {max(best)} "
+                          f"{best[max(best)]:.4f} s; forward batch {self.timed_forward_batch}")
+        return torch.cat([*untimed, logits])
 
     def mirror_axes_combinations(self, ndim: int) -> List[Tuple[int, ...]]:
         """() for the unmirrored input, then nnU-Net's combinations of mirroring axes (tensor dimensions)."""

@@ -70,6 +70,29 @@ def dice_per_class(pred_folder: Path, label_folder: Path, classes: List[int]) ->
     return {c: float(np.mean(v)) for c, v in scores.items()}
 
 
+def export_onnx(env: Dict[str, str], trainer: str, plans: str, folds: List[str], out: Path,
+                configuration: str = CONFIG) -> dict:
+    """nnScd_export_onnx of the demo dataset's model (in this process); the export's sidecar."""
+    from nnscd.core.onnx_models import SIDECAR
+
+    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", configuration, "-tr", trainer, "-p", plans, "-f",
+                 *folds, "-o", str(out)], env, in_process=True)
+    return json.loads((out / SIDECAR).read_text())
+
+
+def predict_torch_and_onnx(env: Dict[str, str], planned_dataset: Path, trainer: str, plans: str, folds: List[str],
+                           export: Path, out: Path, tta: bool = True, configuration: str = CONFIG) -> tuple:
+    """The label folders of the torch predictor (nnScd_predict) and of onnxruntime (the export), same test cases and
+    flags, in this process."""
+    flags = ["-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0"] + ([] if tta else ["--disable_tta"])
+    images = str(planned_dataset / "imagesTs")
+    run_command(["nnScd_predict", "-i", images, "-o", str(out / "torch"), "-d", str(DATASET_ID), "-c", configuration,
+                 "-tr", trainer, "-p", plans, *flags], env, in_process=True)
+    run_command(["nnScd_predict_from_modelfolder", "-i", images, "-o", str(out / "onnx"), "-m", str(export),
+                 *flags], env, in_process=True)
+    return out / "torch", out / "onnx"
+
+
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> Dict[str, str]:
     root = tmp_path_factory.mktemp("nnunet")

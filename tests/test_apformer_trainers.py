@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET, DATASET_ID, dice_per_class, run_command
+from conftest import BIN, DATASET, DATASET_ID, dice_per_class, export_onnx, predict_torch_and_onnx, run_command
 
 TRAINER = "APFormerTrainer_cpu"
 EPOCHS = 5                 # CPU_SCHEDULE
@@ -86,15 +86,11 @@ def test_onnx_export_predicts_the_torch_labels_with_query_pruning(nnunet_env, pl
                                                                  tmp_path):
     """The exported graph computes every query and masks the pruned ones; torch gathers the kept ones. A trained
     foreground head prunes 0.2-0.5 of the queries (next test), so both paths are really compared."""
-    export, images = tmp_path / "export", str(planned_dataset / "imagesTs")
-    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-f", "4", "-o",
-                 str(export)], nnunet_env, in_process=True)
-    flags = ["-f", "4", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"]
-    run_command(["nnScd_predict", "-i", images, "-o", str(tmp_path / "torch"), "-d", str(DATASET_ID), "-c",
-                 "3d_fullres", "-tr", TRAINER, *flags], nnunet_env, in_process=True)
-    run_command(["nnScd_predict_from_modelfolder", "-i", images, "-o", str(tmp_path / "onnx"), "-m", str(export),
-                 *flags], nnunet_env, in_process=True)
-    assert min(dice_per_class(tmp_path / "onnx", tmp_path / "torch", [1, 2]).values()) >= 0.999
+    export = tmp_path / "export"
+    export_onnx(nnunet_env, TRAINER, "nnUNetPlans", ["4"], export)
+    torch_out, onnx_out = predict_torch_and_onnx(nnunet_env, planned_dataset, TRAINER, "nnUNetPlans", ["4"], export,
+                                                 tmp_path, tta=False)
+    assert min(dice_per_class(onnx_out, torch_out, [1, 2]).values()) >= 0.999
 
 
 def test_pruning_rates_logged_every_epoch_printed_and_plotted(trained_3d):

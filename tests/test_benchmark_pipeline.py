@@ -5,7 +5,7 @@ from pathlib import Path
 
 import matplotlib.image
 
-from conftest import CONFIG, DATASET_ID, TRAINER, run_command
+from conftest import CONFIG, DATASET_ID, TRAINER, export_onnx, run_command
 from nnscd.tools.benchmark_networks import RESULT_KEYS
 from nnscd.tools.benchmark_trainers import PIPELINE_KEYS
 
@@ -36,8 +36,7 @@ def test_predict_mode_times_the_predictors_and_checks_they_agree(nnunet_env, pla
     case = sorted((planned_dataset / "imagesTs").iterdir())[0]
     (images / case.name).symlink_to(case)
     export = tmp_path / "export"
-    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", CONFIG, "-tr", TRAINER, "-f", "0", "-o",
-                 str(export)], nnunet_env, in_process=True)
+    export_onnx(nnunet_env, TRAINER, "nnUNetPlans", ["0"], export)
     run_command(["nnScd_benchmark", "--predict", "-i", str(images), "-d", str(DATASET_ID), "-c", CONFIG, "-tr",
                  TRAINER, "-f", "0", "--device", "cpu", "--iters", "1", "--disable_tta", "--onnx", str(export),
                  "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv")], nnunet_env)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIG, DATASET_ID, TRAINER, dice_per_class, run_command
+from conftest import CONFIG, DATASET_ID, TRAINER, dice_per_class, export_onnx, predict_torch_and_onnx, run_command
 from nnscd.core.errors import UserError
 from nnscd.core.onnx_models import SIDECAR, sha256
 from nnscd.tools.onnx_export import RELATIVE_TOLERANCE, export_model_folder, export_network, max_difference
@@ -56,35 +56,18 @@ def test_int8_quantisation_shrinks_the_model_and_still_runs(tmp_path):
     assert max_difference(network, quantized, (1, 32, 32, 32)) < 0.5  # runs; its cost is measured in the docs
 
 
-def _export(env, trainer, plans, folds, out) -> dict:
-    run_command(["nnScd_export_onnx", "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-p", plans, "-f",
-                 *folds, "-o", str(out)], env, in_process=True)
-    return json.loads((out / SIDECAR).read_text())
-
-
-def _predict_both(env, planned_dataset, trainer, plans, folds, export, tmp_path, tta=True):
-    """Labels of the torch predictor (nnScd_predict) and of onnxruntime (the export), same cases and flags."""
-    flags = ["-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0"] + ([] if tta else ["--disable_tta"])
-    images = str(planned_dataset / "imagesTs")
-    run_command(["nnScd_predict", "-i", images, "-o", str(tmp_path / "torch"), "-d", str(DATASET_ID), "-c", CONFIG,
-                 "-tr", trainer, "-p", plans, *flags], env, in_process=True)
-    run_command(["nnScd_predict_from_modelfolder", "-i", images, "-o", str(tmp_path / "onnx"), "-m", str(export),
-                 *flags], env, in_process=True)
-    return tmp_path / "torch", tmp_path / "onnx"
-
-
 def test_unet_folds_export_and_onnxruntime_predicts_the_torch_labels(nnunet_env, planned_dataset, trained_model,
                                                                     tmp_path):
     export = tmp_path / "export"
-    sidecar = _export(nnunet_env, TRAINER, "nnUNetPlans", ["0", "1"], export)
+    sidecar = export_onnx(nnunet_env, TRAINER, "nnUNetPlans", ["0", "1"], export)
     assert set(sidecar["folds"]) == {"0", "1"} and sidecar["configuration"] == CONFIG
     assert sidecar["trainer_name"] == TRAINER and sidecar["patch_size"] == [32, 32, 32]
     assert sidecar["plans"] == json.loads((trained_model / "plans.json").read_text())
     for entry in sidecar["folds"].values():
         assert entry["relative_difference"] < RELATIVE_TOLERANCE
         assert entry["sha256"] == sha256(str(export / entry["file"]))
-    torch_out, onnx_out = _predict_both(nnunet_env, planned_dataset, TRAINER, "nnUNetPlans", ["0", "1"], export,
-                                        tmp_path)  # two folds ensembled, mirroring on
+    torch_out, onnx_out = predict_torch_and_onnx(nnunet_env, planned_dataset, TRAINER, "nnUNetPlans", ["0", "1"],
+                                                 export, tmp_path)  # two folds ensembled, mirroring on
     assert min(dice_per_class(onnx_out, torch_out, [1, 2]).values()) >= 0.999
     assert not list(tmp_path.glob(".partial_*")) and not list(export.glob(".partial_*"))
 
@@ -92,16 +75,16 @@ def test_unet_folds_export_and_onnxruntime_predicts_the_torch_labels(nnunet_env,
 def test_stpmta_exports_and_onnxruntime_predicts_the_torch_labels(nnunet_env, planned_dataset, trained_stpmta,
                                                                  tmp_path):
     export = tmp_path / "export"
-    _export(nnunet_env, "STPMTATrainer_cpu", "nnScdPlans", ["3"], export)
-    torch_out, onnx_out = _predict_both(nnunet_env, planned_dataset, "STPMTATrainer_cpu", "nnScdPlans", ["3"], export,
-                                        tmp_path, tta=False)
+    export_onnx(nnunet_env, "STPMTATrainer_cpu", "nnScdPlans", ["3"], export)
+    torch_out, onnx_out = predict_torch_and_onnx(nnunet_env, planned_dataset, "STPMTATrainer_cpu", "nnScdPlans",
+                                                 ["3"], export, tmp_path, tta=False)
     assert min(dice_per_class(onnx_out, torch_out, [1, 2]).values()) >= 0.999
 
 
 @pytest.fixture(scope="module")
 def unet_export(nnunet_env, trained_model, tmp_path_factory) -> Path:
     export = tmp_path_factory.mktemp("onnx") / "export"
-    _export(nnunet_env, TRAINER, "nnUNetPlans", ["0"], export)
+    export_onnx(nnunet_env, TRAINER, "nnUNetPlans", ["0"], export)
     return export
 
 
@@ -138,7 +121,7 @@ def test_export_replaces_only_an_export_and_refuses_other_folders(nnunet_env, tr
     export = tmp_path / "export"
     shutil.copytree(unet_export, export)
     (export / "stale.txt").write_text("from an older export")
-    _export(nnunet_env, TRAINER, "nnUNetPlans", ["1"], export)
+    export_onnx(nnunet_env, TRAINER, "nnUNetPlans", ["1"], export)
     assert sorted(p.name for p in export.iterdir()) == ["fold_1.onnx", SIDECAR]
     assert not list(tmp_path.glob(".partial_*"))
 

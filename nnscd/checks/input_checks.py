@@ -428,9 +428,14 @@ def _model_configuration(model_folder: str) -> Tuple[dict, dict, str]:
     return dataset_json, plans, os.path.basename(os.path.normpath(model_folder)).split("__")[-1]
 
 
+def trained_folds(model_folder: str, checkpoint_name: str) -> List[str]:
+    """The folds (0, 1, ..., all) of a trained model folder that hold `checkpoint_name`, sorted."""
+    return sorted(n[len("fold_"):] for n in os.listdir(model_folder)
+                  if n.startswith("fold_") and os.path.isfile(os.path.join(model_folder, n, checkpoint_name)))
+
+
 def _checkpoint_problems(model_folder: str, folds: Sequence[str], checkpoint_name: str) -> List[str]:
-    trained = sorted(n[len("fold_"):] for n in os.listdir(model_folder)
-                     if n.startswith("fold_") and os.path.isfile(os.path.join(model_folder, n, checkpoint_name)))
+    trained = trained_folds(model_folder, checkpoint_name)
     problems = []
     for fold in folds:
         problem = check_checkpoint(os.path.join(model_folder, f"fold_{fold}", checkpoint_name))

@@ -31,12 +31,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     prepare_run("cpu")  # settles nnU-Net's environment before its first import
+    from nnscd.checks.input_checks import trained_folds
     from nnscd.cli.nnunet_commands import trained_model_folder
     from nnscd.core.safe_io import disk_errors_explained
 
     model_folder = trained_model_folder(args.d, args.tr, args.p, args.c)
-    folds = args.f or sorted(n[len("fold_"):] for n in os.listdir(model_folder)
-                             if os.path.isfile(os.path.join(model_folder, n, args.chk)))
+    folds = args.f or trained_folds(model_folder, args.chk)
     if not folds:
         raise UserError(f"no fold of {model_folder} has {args.chk}: train one first (nnScd_train {args.d} {args.c} "
                         f"FOLD -tr {args.tr} -p {args.p}), or name the checkpoint with -chk.")

@@ -8,6 +8,7 @@ the file's sha256 and the largest difference between onnxruntime and torch measu
 In prediction OnnxRuntimeNetwork stands in for the torch network inside nnU-Net's predictor, so preprocessing,
 sliding window, mirroring, ensembling and export stay nnU-Net's.
 """
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,14 @@ def is_export(folder: str) -> bool:
 
 
 def sha256(path: str) -> str:
+    """The file's sha256, computed once per version of the file in a process: the command's input check and the
+    predictor both check every fold, and a ViT-B fold is hundreds of MB."""
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -83,12 +92,8 @@ def _parse_sidecar(folder: str) -> Tuple[Optional[OnnxExport], List[str]]:
     return export, [f"{path}: the entry of fold {f} lacks file or sha256. {EXPORT_AGAIN}." for f in broken]
 
 
-def export_problems(folder: str, folds: Sequence[str]) -> List[str]:
-    """Every problem of the export folder for a prediction with `folds`: an unreadable or incomplete sidecar, a
-    fold that was not exported, a fold file that is missing or changed since the export (sha256)."""
-    export, problems = _parse_sidecar(folder)
-    if export is None or problems:
-        return problems
+def _fold_problems(folder: str, export: OnnxExport, folds: Sequence[str]) -> List[str]:
+    problems = []
     for fold in folds:
         if fold not in export.folds:
             problems.append(f"-f {fold}: {folder} holds no export of fold {fold}; it holds fold(s) "
@@ -103,13 +108,25 @@ def export_problems(folder: str, folds: Sequence[str]) -> List[str]:
     return problems
 
 
+def _checked(folder: str, folds: Sequence[str]) -> Tuple[Optional[OnnxExport], List[str]]:
+    if not is_export(folder):
+        return None, [f"{folder} holds no {SIDECAR}: it is not an nnscd ONNX export. Write one with "
+                      f"nnScd_export_onnx."]
+    export, problems = _parse_sidecar(folder)
+    return export, problems if export is None or problems else _fold_problems(folder, export, folds)
+
+
+def export_problems(folder: str, folds: Sequence[str]) -> List[str]:
+    """Every problem of the export folder for a prediction with `folds`: an unreadable or incomplete sidecar, a
+    fold that was not exported, a fold file that is missing or changed since the export (sha256)."""
+    return _checked(folder, folds)[1]
+
+
 def read_export(folder: str, folds: Sequence[str] = ()) -> OnnxExport:
     """The export in `folder`, checked for `folds`; UserError listing every problem."""
-    problems = export_problems(folder, folds) if is_export(folder) else \
-        [f"{folder} holds no {SIDECAR}: it is not an nnscd ONNX export. Write one with nnScd_export_onnx."]
+    export, problems = _checked(folder, folds)
     if problems:
         raise UserError("the ONNX export cannot be used:\n  " + "\n  ".join(problems))
-    export, _ = _parse_sidecar(folder)
     return export
 
 

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from nnscd.checks.input_checks import trained_folds
 from nnscd.core.errors import UserError
 from nnscd.networks.token_sparse_primus import TokenSparsePrimus
 from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
@@ -54,7 +55,7 @@ def check_model_folder(model_folder: str, folds: Sequence[str], checkpoint: str)
     if not os.path.isfile(os.path.join(model_folder, "plans.json")):
         raise UserError(f"{model_folder} is not a trained model folder (no plans.json). Pass the folder "
                         f"TRAINER__PLANS__CONFIGURATION that holds fold_X subfolders (-m).")
-    trained = sorted(f for f in os.listdir(model_folder) if os.path.isfile(os.path.join(model_folder, f, checkpoint)))
+    trained = [f"fold_{f}" for f in trained_folds(model_folder, checkpoint)]
     missing = [f for f in folds if f"fold_{f}" not in trained]
     if missing:
         raise UserError(f"no {checkpoint} for fold(s) {', '.join(missing)} in {model_folder}; folds with one: "

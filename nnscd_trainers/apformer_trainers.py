@@ -26,7 +26,7 @@ from nnscd.core.nnunet_hooks import add_log_series
 from nnscd.core.progress_plots import plot_per_epoch
 from nnscd_trainers.keep_statistics import foreground_mask
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, STEPS100_BATCH, STEPS100_SCHEDULE,
-                                          WarmupPolyLR, nnScdTrainer)
+                                          SMOKE_SCHEDULE, WarmupPolyLR, nnScdTrainer)
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -196,6 +196,11 @@ class APFormerTrainer_cpu(APFormerTrainer):
 class APFormerNoPruneTrainer_cpu(APFormerNoPruneTrainer):
     """APFormerNoPruneTrainer on the short CPU schedule."""
     schedule = CPU_SCHEDULE
+
+
+class APFormerTrainer_smoke(APFormerTrainer):
+    """Two short epochs, to check that a setup trains end to end."""
+    schedule = SMOKE_SCHEDULE
 
 
 class APFormerTrainer_budget(APFormerTrainer):

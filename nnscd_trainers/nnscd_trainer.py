@@ -6,11 +6,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnscd.core import nnunet_hooks
 from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.core.distributed import cpu_threads_per_process, process_device
 from nnscd.core.predictor import nnScdPredictor
 from nnscd.core.safe_io import atomic_path
 from nnscd.core.token_planning import TokenPlan, apply_token_plan
@@ -31,6 +34,9 @@ def equal_compute_schedule(iteration_s: float) -> tuple[int, int, int]:
     epochs, iterations, validation = BUDGET_SCHEDULE
     return round(epochs * UNET_ITERATION_S / iteration_s), iterations, validation
 
+
+# Two short epochs: checks that a setup (a cluster, torchrun, a SLURM script) trains, checkpoints and validates
+SMOKE_SCHEDULE = (2, 4, 2)
 
 # The earlier comparison budget (100 steps of batch 2): too short for 3D quality, cheap and enough for 2D checks.
 STEPS100_SCHEDULE, STEPS100_BATCH = (5, 20, 5), 2
@@ -97,10 +103,15 @@ class nnScdTrainer(nnUNetTrainer):
     With `nnScd_seed=N` in the environment, weights, patch sampling and augmentation are seeded: two runs on the
     same machine, with at most one augmentation worker (`nnUNet_n_proc_DA`), give the same losses and model.
 
+    Under torch.distributed (nnScd_train started by torchrun, or with -num_gpus) each process trains on its own
+    device, a GPU of its node or the CPU, where nnU-Net assumes GPU number RANK of a single node.
+
     Variants set `schedule` (see CPU_SCHEDULE) and `batch_size_override` instead of repeating an `__init__`.
     """
     schedule: Optional[Tuple[int, int, int]] = None  # None keeps nnU-Net's 1000 x 250 (50 validation)
     batch_size_override: Optional[int] = None  # None keeps the plans' batch
+    # DDP checks after each backward that every parameter got a gradient: a network that skips modules sets True
+    ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -114,11 +125,25 @@ class nnScdTrainer(nnUNetTrainer):
             np.random.seed(seed)
             torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:  # nnU-Net moved rank r to cuda:r, whatever the node and the requested device
+            self.device = process_device(device.type)
+            if self.device.type != "cuda":
+                self.grad_scaler = None
+                torch.set_num_threads(cpu_threads_per_process())  # nnU-Net gives every process all the cores
         self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
         self.use_token_plan(configuration)
         self.save_every = 1
         if self.schedule is not None:
             self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.schedule
+
+    def initialize(self) -> None:
+        with nnunet_hooks.trainer_ddp_wrapper(self._distributed):
+            super().initialize()
+
+    def _distributed(self, network: nn.Module, device_ids: Optional[List[int]] = None) -> DistributedDataParallel:
+        """nnU-Net's DDP wrapper on this process's device (device_ids=None on the CPU, where gloo runs)."""
+        return DistributedDataParallel(network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=self.ddp_find_unused_parameters)
 
     @classmethod
     def token_plan(cls, configuration: dict) -> Optional[TokenPlan]:
@@ -164,6 +189,11 @@ class nnScdTrainer(nnUNetTrainer):
 class nnScdTrainer_cpu(nnScdTrainer):
     """nnU-Net's U-Net on a short schedule: for trying the whole workflow on a CPU."""
     schedule = CPU_SCHEDULE
+
+
+class nnScdTrainer_smoke(nnScdTrainer):
+    """nnU-Net's U-Net for two short epochs: does a setup (torchrun, a cluster, a SLURM script) train end to end?"""
+    schedule = SMOKE_SCHEDULE
 
 
 class nnScdTrainer_budget(nnScdTrainer):

@@ -20,8 +20,8 @@ from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.core.token_planning import TokenPlan, token_plan_for
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
-from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, WarmupPolyLR,
-                                          equal_compute_schedule, nnScdTrainer)
+from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
+                                          WarmupPolyLR, equal_compute_schedule, nnScdTrainer)
 
 
 class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
@@ -169,9 +169,19 @@ class STPMTATrainer_cpu(STPMTATrainer):
     schedule = CPU_SCHEDULE
 
 
+class STPMTATrainer_smoke(STPMTATrainer):
+    """Two short epochs, to check that a setup trains end to end."""
+    schedule = SMOKE_SCHEDULE
+
+
 class STPMTATrainer_demo(STPMTATrainer):
     """nnScd_demo's trainer: long enough on a CPU for Dice >= 0.5 on both synthetic classes."""
     schedule = (10, 20, 5)
+
+
+class UNETRTrainer_smoke(UNETRTrainer):
+    """Two short epochs, to check that a setup trains end to end."""
+    schedule = SMOKE_SCHEDULE
 
 
 class UNETRTrainer_cpu(UNETRTrainer):

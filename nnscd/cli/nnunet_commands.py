@@ -12,7 +12,7 @@ import sys
 from typing import Callable, ContextManager, Iterator, List, Optional
 
 from nnscd.cli import check_environment, console_script
-from nnscd.core import nnunet_hooks
+from nnscd.core import distributed, nnunet_hooks
 from nnscd.core.device import prepare_run
 from nnscd.core.folder_lock import folder_lock, held_locks
 from nnscd.core.onnx_models import SIDECAR, is_export
@@ -140,12 +140,18 @@ install_pretrained_model_from_zip = _delegate("nnunetv2.model_sharing.entry_poin
 
 @console_script
 def train() -> None:
-    """nnScd_train DATASET CONFIGURATION FOLD [-tr TRAINER] [--c] [--npz] [-device cpu] ... as nnUNetv2_train."""
+    """nnScd_train DATASET CONFIGURATION FOLD [-tr TRAINER] [--c] [--npz] [-device cpu] ... as nnUNetv2_train.
+
+    Under torchrun every process runs this command and joins one DDP training (nnscd.core.distributed);
+    `-num_gpus N` starts N such processes on this machine (GPUs, or CPU processes with -device cpu)."""
     argv = sys.argv[1:]
     _prepare(argv, takes_device=True)
+    device_type = _flag(argv, "-device", "cuda")
+    processes = int(_flag(argv, "-num_gpus", "1"))
     lock, disk_errors = contextlib.nullcontext(), contextlib.nullcontext()
     if not _asks_help(argv):
         trainer_class = find_trainer(_flag(argv, "-tr", "nnUNetTrainer"))
+        _check_distributed_setup(trainer_class, device_type, processes)
         from nnscd_trainers.nnscd_trainer import seed_from_environment
         check_environment(seed_from_environment)  # final validation predicts with nnScdPredictor
         if len(argv) >= 3 and not any(a.startswith("-") for a in argv[:2]):  # else nnU-Net's parser explains
@@ -156,7 +162,10 @@ def train() -> None:
                                             _flag(argv, "-p", "nnUNetPlans"), "--c" in argv)
             if problems:
                 raise UserError(describe(problems, f"nnScd_train {' '.join(argv[:3])}"))
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this command; one lock
+            if processes > 1:
+                _start_processes(argv, processes)
+                return
+            if distributed.rank() == 0:  # one lock for the whole job; every rank writes only below rank 0's
                 from nnunetv2.utilities.file_path_utilities import get_output_folder
                 fold_folder = get_output_folder(dataset, trainer_class.__name__, _flag(argv, "-p", "nnUNetPlans"),
                                                 configuration, fold)
@@ -165,8 +174,57 @@ def train() -> None:
     from nnunetv2.run.run_training import run_training_entry
     from nnscd.core.pretrained_weights import load_pretrained_weights
     with lock, disk_errors, nnunet_hooks.pretrained_weights_loader(load_pretrained_weights), \
-            nnunet_hooks.command_names_in_output():
+            nnunet_hooks.command_names_in_output(), _process_group(device_type):
         run_training_entry()
+
+
+def _check_distributed_setup(trainer_class: type, device_type: str, processes: int) -> None:
+    """UserError for a DDP run that cannot work, before any process starts."""
+    from nnscd_trainers.nnscd_trainer import nnScdTrainer
+
+    if processes > 1 and distributed.launched_by_torchrun():
+        raise UserError(f"-num_gpus {processes} under torchrun: torchrun already started "
+                        f"{distributed.world_size()} processes. Drop -num_gpus (torchrun's --nproc_per_node and "
+                        f"--nnodes set the processes).")
+    several = processes > 1 or distributed.launched_by_torchrun()
+    multi_node = distributed.world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+    if several and not issubclass(trainer_class, nnScdTrainer) and (device_type != "cuda" or multi_node):
+        raise UserError(f"{trainer_class.__name__} is one of nnU-Net's own trainers, which run DDP only on the GPUs "
+                        f"of one node (they put rank R on GPU R). Train nnscd's twin (nnScdTrainer for nnU-Net's "
+                        f"U-Net) or use -device cuda on one node.")
+
+
+def _start_processes(argv: List[str], processes: int) -> None:
+    """`-num_gpus N`: this command again in N processes on this machine, through torchrun (nnU-Net's mp.spawn
+    would start them without nnscd's hooks)."""
+    from torch.distributed.run import main as torchrun
+
+    script = os.path.join(os.path.dirname(sys.executable), "nnScd_train")
+    position = argv.index("-num_gpus")
+    torchrun(["--standalone", f"--nproc_per_node={processes}", script, *argv[:position], *argv[position + 2:]])
+
+
+@contextlib.contextmanager
+def _process_group(device_type: str) -> Iterator[None]:
+    """Under torchrun: this process in the job's process group for the block; a collective that timed out (a rank
+    died or hangs) ends it with a message naming this rank and the way to resume."""
+    if not distributed.launched_by_torchrun():
+        yield
+        return
+    distributed.start_process_group(device_type)
+    try:
+        yield
+    except Exception as error:
+        if not distributed.is_timeout(error):
+            raise
+        raise UserError(f"rank {distributed.rank()} of {distributed.world_size()}: the other ranks did not answer "
+                        f"within {distributed.collective_timeout_s():g} s ({distributed.TIMEOUT_ENV}); one of them "
+                        f"died or hangs (torchrun's summary names the rank that failed). Every finished epoch is in "
+                        f"checkpoint_latest.pth: rerun with --c. ({error})") from None
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_prediction_folders(input_folder: str, output_folder: str) -> None:

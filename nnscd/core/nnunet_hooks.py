@@ -24,7 +24,7 @@ PLANNER_MODULE = "nnunetv2.experiment_planning.experiment_planners.default_exper
 
 # (module, attribute) of nnunetv2 that a hook below swaps or reads
 HOOKED: List[Tuple[str, str]] = [
-    (TRAINER_MODULE, "NonDetMultiThreadedAugmenter"), (TRAINER_MODULE, "nnUNetPredictor"),
+    (TRAINER_MODULE, "NonDetMultiThreadedAugmenter"), (TRAINER_MODULE, "nnUNetPredictor"), (TRAINER_MODULE, "DDP"),
     (PREDICT_MODULE, "nnUNetPredictor"), (PREDICT_MODULE, "predict_entry_point"),
     (PREDICT_MODULE, "predict_entry_point_modelfolder"), (RUN_TRAINING_MODULE, "load_pretrained_weights"),
     (FIND_BEST_MODULE, "print_inference_instructions"), (PLANS_MODULE, "ConfigurationManager"),
@@ -55,6 +55,12 @@ def trainer_augmenter(augmenter: type) -> contextlib.AbstractContextManager:
 def trainer_predictor(predictor: type) -> contextlib.AbstractContextManager:
     """nnUNetTrainer.perform_actual_validation predicts with `predictor` instead of nnUNetPredictor."""
     return swapped(_module(TRAINER_MODULE), "nnUNetPredictor", predictor)
+
+
+def trainer_ddp_wrapper(wrap: Callable) -> contextlib.AbstractContextManager:
+    """nnUNetTrainer.initialize wraps the network with `wrap(network, device_ids=...)` instead of DDP (nnU-Net's
+    device_ids=[RANK] holds only on one node of GPUs)."""
+    return swapped(_module(TRAINER_MODULE), "DDP", wrap)
 
 
 def entry_point_predictor(predictor: type) -> contextlib.AbstractContextManager:

@@ -1,0 +1,218 @@
+"""DDP training on the CPU (gloo, 2 processes): every trainer family under torchrun and -num_gpus, a rank that dies
+or hangs, --c with another number of processes, and one DDP step against one single-process step.
+
+Select them with `pytest -k "ddp or distributed or torchrun"`.
+"""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from conftest import BIN, CONFIG, DATASET
+
+FOLD = "0"
+TIMEOUT_S = 20  # the collective timeout of the hang case (nnScd_ddp_timeout_s)
+
+
+def _launch(trainer: str, launcher: str, extra: List[str] = ()) -> List[str]:
+    args = [str(BIN / "nnScd_train"), DATASET, CONFIG, FOLD, "-tr", trainer, "-device", "cpu", *extra]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
+    return [*args, "-num_gpus", "2"] if launcher == "num_gpus" else args
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int:
+    """The process of `rank` among the launcher's children (torchrun's workers carry RANK in their environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher_pid \
+                    and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (OSError, ValueError):
+            continue  # the process ended while being read
+    raise AssertionError(f"no worker of rank {rank} under process {launcher_pid}")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path.name} was written"
+        assert time.monotonic() - start < limit_s, f"no {path.name} after {limit_s} s"
+        time.sleep(0.05)
+
+
+def _log_epochs(fold_folder: Path) -> List[List[int]]:
+    """The epochs each training log of the fold ran, oldest log first."""
+    return [[int(line.rsplit("Epoch ", 1)[1]) for line in log.read_text().splitlines()
+             if line.rstrip()[-1:].isdigit() and ": Epoch " in line]
+            for log in sorted(fold_folder.glob("training_log_*.txt"))]
+
+
+# (trainer, launcher of the first run, how one rank fails mid-training, launcher of the --c rerun)
+CASES = [("nnScdTrainer_smoke", "torchrun", "killed", "single"),
+         ("STPMTATrainer_smoke", "num_gpus", "hangs", "torchrun"),
+         ("APFormerTrainer_smoke", "torchrun", "killed", "num_gpus")]
+
+
+@pytest.mark.parametrize("trainer, launcher, failure, resume_launcher", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-resume_{c[3]}" for c in CASES])
+def test_ddp_rank_failure_ends_job_and_torchrun_resume_finishes(nnunet_env, planned_dataset, tmp_path, trainer: str,
+                                                               launcher: str, failure: str, resume_launcher: str):
+    """Two processes train; one rank is killed (or stopped) right after the first epoch's checkpoint: the job ends
+    non-zero within a bounded time naming the rank, and --c (with 1 or 2 processes) resumes at epoch 1, trains
+    under DDP, writes checkpoint_final and validates every validation case, split over the ranks."""
+    env = {**nnunet_env, "nnScd_ddp_timeout_s": str(TIMEOUT_S)}
+    fold_folder = Path(env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{FOLD}"
+    log = tmp_path / "failed_run.log"
+    with open(log, "w") as out:  # a file, not a pipe: the killed rank's augmentation worker holds its copy
+        proc = subprocess.Popen(_launch(trainer, launcher), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_for(fold_folder / "checkpoint_latest.pth", proc)
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+        failed_at = time.monotonic()
+        proc.wait(timeout=TIMEOUT_S + 90)
+    finally:
+        # what the dead rank left (its augmentation worker), as the end of a cluster job does
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    ended_after = time.monotonic() - failed_at
+    assert proc.returncode != 0, output[-4000:]
+    if failure == "killed":  # torchrun sees the worker die and stops the others at once
+        assert ended_after < 30, f"the job took {ended_after:.0f} s to end after rank 1 was killed"
+        assert "local_rank: 1" in output and "Signal 9 (SIGKILL)" in output, output[-4000:]
+    else:  # rank 0 waits one collective timeout, then names itself and the fix; torchrun ends rank 1
+        assert ended_after < TIMEOUT_S + 60, f"the job took {ended_after:.0f} s to end after rank 1 hung"
+        assert f"rank 0 of 2: the other ranks did not answer within {TIMEOUT_S} s" in output, output[-4000:]
+        assert "rerun with --c" in output
+    assert not (fold_folder / "checkpoint_final.pth").exists()
+
+    resumed = subprocess.run(_launch(trainer, resume_launcher, ["--c"]), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert _log_epochs(fold_folder)[-1] == [1], "the --c run did not resume at epoch 1"
+    checkpoint = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2  # the smoke schedule's epochs, all done
+    summary = json.loads((fold_folder / "validation" / "summary.json").read_text())
+    split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[int(FOLD)]
+    assert sorted(Path(c["prediction_file"]).name.split(".")[0] for c in summary["metric_per_case"]) == \
+        sorted(split["val"])
+    assert not list(fold_folder.glob(".*partial*")) and not list((fold_folder / "validation").glob(".*partial*"))
+
+
+def test_torchrun_refuses_num_gpus_and_nnunet_trainers_on_cpu(nnunet_env, planned_dataset):
+    """What cannot work is refused before any training starts, with the fix."""
+    env = {**nnunet_env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    from conftest import run_command
+
+    double = run_command(["nnScd_train", DATASET, CONFIG, FOLD, "-tr", "nnScdTrainer_smoke", "-device", "cpu",
+                          "-num_gpus", "2"], env, check=False, in_process=True)
+    assert double.returncode == 2 and "Drop -num_gpus" in double.stderr
+    own = run_command(["nnScd_train", DATASET, CONFIG, FOLD, "-tr", "nnUNetTrainer", "-device", "cpu"], env,
+                      check=False, in_process=True)
+    assert own.returncode == 2 and "nnScdTrainer" in own.stderr and "one node" in own.stderr
+
+
+def _ddp_steps(rank: int, init_file: str, out: str, steps: Dict[str, int]) -> None:
+    """One rank of the DDP step test: `steps[name]` train steps of each trainer on its half of a fixed global batch."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for name, count in steps.items():
+            trainer = _trainer(name)
+            network = trainer.network.module
+            if rank == 0:
+                torch.save(network.state_dict(), f"{out}/{name}_start.pt")
+            losses = []
+            for data, target in _global_batches(trainer, count, trainer.batch_size * 2):
+                local = slice(rank * trainer.batch_size, (rank + 1) * trainer.batch_size)
+                loss = trainer.train_step({"data": data[local], "target": [t[local] for t in target]
+                                           if isinstance(target, list) else target[local]})["loss"]
+                rank_losses = [None, None]
+                torch.distributed.all_gather_object(rank_losses, float(loss))
+                losses.append(sum(rank_losses) / 2)  # the global batch's loss, as nnU-Net logs it
+                flat = torch.cat([p.detach().flatten() for p in network.parameters()])
+                gathered = [torch.empty_like(flat) for _ in range(2)]
+                torch.distributed.all_gather(gathered, flat)
+                assert torch.equal(gathered[0], gathered[1]), f"{name}: ranks differ after a step"
+            if rank == 0:
+                torch.save({"state": network.state_dict(), "losses": losses, "grads": _gradients(network)},
+                           f"{out}/{name}_ddp.pt")
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _trainer(name: str):
+    """`name` on the synthetic dataset's 3d_fullres, fold 1, initialised on the CPU (DDP-wrapped under DDP)."""
+    from nnscd.core.paths import settle_environment
+
+    settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(DATASET, CONFIG, 1, name, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def _global_batches(trainer, steps: int, batch: int) -> List[tuple]:
+    """Fixed images and label maps (deep-supervision pyramid where the trainer has one), the same on every rank."""
+    generator = torch.Generator().manual_seed(0)
+    patch, classes = trainer.configuration_manager.patch_size, len(trainer.label_manager.all_labels)
+    batches = []
+    for _ in range(steps):
+        data = torch.randn(batch, trainer.num_input_channels, *patch, generator=generator)
+        seg = torch.randint(0, classes, (batch, 1, *patch), generator=generator).float()
+        target = [torch.nn.functional.interpolate(seg, scale_factor=[float(s) for s in scale], mode="nearest")
+                  for scale in trainer._get_deep_supervision_scales()] if trainer.enable_deep_supervision else seg
+        batches.append((data, target))
+    return batches
+
+
+def _gradients(network: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The gradients of the last step (nnU-Net zeroes them at the start of a step, not after it)."""
+    return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
+
+
+# one step of the deterministic networks, whose gradients must agree; a few of STP+MTA, whose ranks must agree
+STEPS = {"nnScdTrainer_smoke": 1, "UNETRTrainer_smoke": 1, "STPMTATrainer_smoke": 3}
+
+
+def test_ddp_step_equals_single_process_step(nnunet_env, planned_dataset, tmp_path):
+    """U-Net and UNETR: a DDP step on halves of a global batch gives the loss, gradients and parameters of a
+    single-process step on the whole batch. STP+MTA (random perturbations per rank): identical parameters on both
+    ranks after every step, and a loss that tracks the single-process one."""
+    torch.multiprocessing.start_processes(_ddp_steps, args=(str(tmp_path / "init"), str(tmp_path), STEPS),
+                                          nprocs=2, start_method="spawn")
+    for name, count in STEPS.items():
+        trainer = _trainer(name)
+        trainer.network.load_state_dict(torch.load(tmp_path / f"{name}_start.pt"))
+        losses = [float(trainer.train_step({"data": data, "target": target})["loss"])
+                  for data, target in _global_batches(trainer, count, trainer.batch_size)]
+        ddp = torch.load(tmp_path / f"{name}_ddp.pt")
+        if name == "STPMTATrainer_smoke":
+            assert ddp["losses"] == pytest.approx(losses, rel=0.1)
+            continue
+        assert ddp["losses"] == pytest.approx(losses, rel=1e-5)
+        grads = _gradients(trainer.network)
+        # nnU-Net weighs the U-Net's lowest output 0 alone and 1e-6 under DDP (which needs a gradient everywhere)
+        assert set(ddp["grads"]) - set(grads) <= {"decoder.seg_layers.0.weight", "decoder.seg_layers.0.bias"}
+        largest = max(float(g.abs().max()) for g in grads.values())
+        for key, grad in grads.items():  # fp32 sums over 32^3 voxels in another order, with cancellation: 1e-4
+            # of the largest gradient apart; gradients left on one rank or summed instead of averaged are 1e-0 apart
+            torch.testing.assert_close(ddp["grads"][key], grad, rtol=1e-2, atol=1e-3 * largest,
+                                       msg=lambda m: f"{name} gradient of {key}: {m}")
+        for key, value in trainer.network.named_parameters():
+            if key not in grads:
+                continue
+            # AdamW's first step moves each weight by lr x gradient / (|gradient| + eps): where a gradient is as
+            # small as the noise above, that ratio is noise, so those weights are left out
+            clear = grads[key].abs() > 1e-3 * largest
+            torch.testing.assert_close(ddp["state"][key][clear], value.detach()[clear], rtol=1e-3, atol=1e-5,
+                                       msg=lambda m: f"{name} {key}: {m}")

@@ -110,8 +110,6 @@ class nnScdTrainer(nnUNetTrainer):
     """
     schedule: Optional[Tuple[int, int, int]] = None  # None keeps nnU-Net's 1000 x 250 (50 validation)
     batch_size_override: Optional[int] = None  # None keeps the plans' batch
-    # DDP checks after each backward that every parameter got a gradient: a network that skips modules sets True
-    ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -142,8 +140,7 @@ class nnScdTrainer(nnUNetTrainer):
 
     def _distributed(self, network: nn.Module, device_ids: Optional[List[int]] = None) -> DistributedDataParallel:
         """nnU-Net's DDP wrapper on this process's device (device_ids=None on the CPU, where gloo runs)."""
-        return DistributedDataParallel(network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       find_unused_parameters=self.ddp_find_unused_parameters)
+        return DistributedDataParallel(network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     @classmethod
     def token_plan(cls, configuration: dict) -> Optional[TokenPlan]:

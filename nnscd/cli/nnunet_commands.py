@@ -187,7 +187,7 @@ def _check_distributed_setup(trainer_class: type, device_type: str, processes: i
                         f"{distributed.world_size()} processes. Drop -num_gpus (torchrun's --nproc_per_node and "
                         f"--nnodes set the processes).")
     several = processes > 1 or distributed.launched_by_torchrun()
-    multi_node = distributed.world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+    multi_node = distributed.world_size() > distributed.local_world_size()
     if several and not issubclass(trainer_class, nnScdTrainer) and (device_type != "cuda" or multi_node):
         raise UserError(f"{trainer_class.__name__} is one of nnU-Net's own trainers, which run DDP only on the GPUs "
                         f"of one node (they put rank R on GPU R). Train nnscd's twin (nnScdTrainer for nnU-Net's "

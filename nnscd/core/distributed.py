@@ -19,11 +19,6 @@ TIMEOUT_ENV = "nnScd_ddp_timeout_s"
 DEFAULT_TIMEOUT_S = 600
 
 
-def launched_by_torchrun() -> bool:
-    """True in a process that torchrun (or a launcher setting its variables) started as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -34,6 +29,16 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """The processes of this node."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun (or a launcher setting its variables) started as one of several."""
+    return world_size() > 1
 
 
 def collective_timeout_s() -> float:
@@ -61,7 +66,7 @@ def start_process_group(device_type: str) -> None:
     than GPUs. Every collective then fails after collective_timeout_s instead of waiting for ever."""
     timeout = collective_timeout_s()
     if device_type == "cuda":
-        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        processes, gpus = local_world_size(), torch.cuda.device_count()
         if processes > gpus:
             raise UserError(f"torchrun starts {processes} processes on this node but {gpus} GPU(s) are visible: "
                             f"one process per GPU (--nproc_per_node {gpus}, or fix CUDA_VISIBLE_DEVICES).")
@@ -72,7 +77,7 @@ def start_process_group(device_type: str) -> None:
 
 def cpu_threads_per_process() -> int:
     """The CPU cores this process may use, shared by the processes of its node (nnU-Net gives each all cores)."""
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, len(os.sched_getaffinity(0)) // local_world_size())
 
 
 def is_timeout(error: BaseException) -> bool:

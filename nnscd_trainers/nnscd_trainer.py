@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnscd.core import nnunet_hooks
 from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
+from nnscd.core.child_processes import end_forked_children_with_this_process
 from nnscd.core.distributed import cpu_threads_per_process, process_device
 from nnscd.core.predictor import nnScdPredictor
 from nnscd.core.safe_io import atomic_path
@@ -113,6 +114,7 @@ class nnScdTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        end_forked_children_with_this_process()  # a killed trainer (rank) takes its augmentation workers with it
         self.seed = seed_from_environment()
         if self.seed is not None:  # before nnU-Net builds anything random; folds and DDP ranks get their own
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -23,8 +23,8 @@ from nnscd.networks.token_sparse_primus import LIGHT, PRIMUS_TOKEN, SparsePrimus
 from nnscd.core.token_planning import TokenPlan, plan_tokens
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
-from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, equal_compute_schedule,
-                                          nnScdTrainer)
+from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
+                                          equal_compute_schedule, nnScdTrainer)
 
 NNUNET_WARMUP_SHARE = 50 / 1000  # AbstractPrimus: 50 warm-up epochs of 1000
 
@@ -125,6 +125,10 @@ class STPMTAPrimusV3STrainer_noMTA(STPMTAPrimusV3STrainer):
 # schedule variants (nnscd_trainer: CPU_SCHEDULE to try the workflow, BUDGET_* the quality protocol's budget)
 class STPMTAPrimusV3STrainer_cpu(STPMTAPrimusV3STrainer):
     schedule = CPU_SCHEDULE
+
+
+class STPMTAPrimusV3STrainer_smoke(STPMTAPrimusV3STrainer):
+    schedule = SMOKE_SCHEDULE
 
 
 class STPMTAPrimusV3STrainer_budget(STPMTAPrimusV3STrainer):

@@ -40,6 +40,19 @@ def _worker_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under process {launcher_pid}")
 
 
+def _processes_of(trainer: str, results: str) -> List[int]:
+    """The processes training `trainer` into `results` (nnUNet_results), their forked workers included."""
+    mark, pids = f"nnUNet_results={results}".encode(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and trainer.encode() in (entry / "cmdline").read_bytes().split(b"\0") \
+                    and mark in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # ended while being read, or not ours to read
+    return pids
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
     start = time.monotonic()
     while not path.exists():
@@ -71,20 +84,24 @@ def test_ddp_rank_failure_ends_job_and_torchrun_resume_finishes(nnunet_env, plan
     env = {**nnunet_env, "nnScd_ddp_timeout_s": str(TIMEOUT_S)}
     fold_folder = Path(env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{FOLD}"
     log = tmp_path / "failed_run.log"
-    with open(log, "w") as out:  # a file, not a pipe: the killed rank's augmentation worker holds its copy
-        proc = subprocess.Popen(_launch(trainer, launcher), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_launch(trainer, launcher), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(fold_folder / "checkpoint_latest.pth", proc)
         os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
         failed_at = time.monotonic()
         proc.wait(timeout=TIMEOUT_S + 90)
+        ended_after = time.monotonic() - failed_at
+        deadline = time.monotonic() + 10  # the augmentation workers of every rank end with their rank
+        while _processes_of(trainer, env["nnUNet_results"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _processes_of(trainer, env["nnUNet_results"])
     finally:
-        # what the dead rank left (its augmentation worker), as the end of a cluster job does
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _processes_of(trainer, env["nnUNet_results"]):  # never leave a failed test's processes behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     output = log.read_text()
-    ended_after = time.monotonic() - failed_at
+    assert not left, f"processes of the failed job outlived it: {left}"
     assert proc.returncode != 0, output[-4000:]
     if failure == "killed":  # torchrun sees the worker die and stops the others at once
         assert ended_after < 30, f"the job took {ended_after:.0f} s to end after rank 1 was killed"

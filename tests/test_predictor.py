@@ -71,16 +71,20 @@ def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request
 
 
 class _CostPerCall(torch.nn.Module):
-    """The network, with a sleep per forward that makes batching pay (0.2 s per call), cost (0.3 s x batch^2:
-    batching 4 inputs costs 3.6 s more, far above what it saves in compute even on a loaded machine) or neither
-    (0.6 s per input, one by one or batched: a close call)."""
+    """The network, with a sleep per forward that makes batching pay (0.2 s per call) or cost (0.3 s x batch^2:
+    batching 4 inputs costs 3.6 s more, far above what it saves in compute even on a loaded machine); or, for a close
+    call, neither: 0.6 s per input one by one or batched, and zero logits, so that no load on the machine can make
+    one way faster (that case checks the turns only)."""
 
-    def __init__(self, network: torch.nn.Module, cost: str):
+    def __init__(self, network: torch.nn.Module, cost: str, classes: int):
         super().__init__()
-        self.network, self.cost = network, cost
+        self.network, self.cost, self.classes = network, cost, classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep({"pays": 0.2, "costs": 0.3 * len(x) ** 2, "neutral": 0.6 * len(x)}[self.cost])
+        if self.cost == "neutral":
+            time.sleep(0.6 * len(x))
+            return x.new_zeros(len(x), self.classes, *x.shape[2:])
+        time.sleep({"pays": 0.2, "costs": 0.3 * len(x) ** 2}[self.cost])
         return self.network(x)
 
 
@@ -97,7 +101,7 @@ def test_unset_factor_times_both_ways_on_the_first_tiles_and_keeps_the_faster(tr
     monkeypatch.delenv("nnScd_predict_batch_factor", raising=False)
     reference, ours = _predictors(trained_model, 0, True)
     reference.allowed_mirroring_axes = ours.allowed_mirroring_axes = (0,)  # 2 inputs per tile
-    ours.network = _CostPerCall(ours.network, cost)
+    ours.network = _CostPerCall(ours.network, cost, ours.label_manager.num_segmentation_heads)
     data = _multi_tile_case(planned_dataset)
     forwards = _count_forwards(ours)
     first = ours.predict_sliding_window_return_logits(data)

@@ -5,11 +5,14 @@ own process group (as a cluster's scheduler would), so the kill lands at the sam
 worker processes re-import the script, so the wrapper is active in them too. (Training kills and checkpoint
 writes: tests/test_foundation_faults.py.)
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +174,47 @@ def test_prediction_killed_mid_folder_then_continue(nnunet_env, planned_dataset,
     assert not list(out.glob(".partial_*"))
     for name in visible(out):
         assert sitk.ReadImage(str(out / name)).GetSize() == (32,) * 3
+
+
+FORK_THEN_DIE = '''
+import multiprocessing, os, signal, sys, time
+from nnscd.core.child_processes import end_forked_children_with_this_process
+
+if sys.argv[1] == "end_with_parent":
+    end_forked_children_with_this_process()
+worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=True)  # as batchgenerators
+worker.start()
+open(sys.argv[2], "w").write(str(worker.pid))
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _running(pid: int) -> bool:
+    try:  # an orphan that ended may stay a zombie until init reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_forked_worker_ends_with_its_killed_parent(tmp_path):
+    """A SIGKILLed trainer's augmentation workers (forked daemon processes) end with it; without
+    end_forked_children_with_this_process (nnScdTrainer calls it) they would wait for ever."""
+    script = tmp_path / "fork_then_die.py"
+    script.write_text(FORK_THEN_DIE)
+    workers = {}
+    for mode in ("end_with_parent", "plain"):  # no pipes: the plain worker would hold them open
+        run = subprocess.run([sys.executable, str(script), mode, str(tmp_path / mode)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert run.returncode == -signal.SIGKILL
+        workers[mode] = int((tmp_path / mode).read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while _running(workers["end_with_parent"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(workers["end_with_parent"]), "the worker outlived its killed parent"
+        assert _running(workers["plain"]), "the control worker ended by itself: the test would prove nothing"
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

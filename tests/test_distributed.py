@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import psutil
 import pytest
 import torch
 
@@ -30,26 +31,20 @@ def _launch(trainer: str, launcher: str, extra: List[str] = ()) -> List[str]:
 
 def _worker_pid(launcher_pid: int, rank: int) -> int:
     """The process of `rank` among the launcher's children (torchrun's workers carry RANK in their environment)."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher_pid \
-                    and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                return int(entry.name)
-        except (OSError, ValueError):
-            continue  # the process ended while being read
+    for child in psutil.Process(launcher_pid).children():
+        with contextlib.suppress(psutil.Error):  # the process ended while being read
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
     raise AssertionError(f"no worker of rank {rank} under process {launcher_pid}")
 
 
 def _processes_of(trainer: str, results: str) -> List[int]:
     """The processes training `trainer` into `results` (nnUNet_results), their forked workers included."""
-    mark, pids = f"nnUNet_results={results}".encode(), []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and trainer.encode() in (entry / "cmdline").read_bytes().split(b"\0") \
-                    and mark in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue  # ended while being read, or not ours to read
+    pids = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # ended while being read, or not ours to read
+            if trainer in process.cmdline() and process.environ().get("nnUNet_results") == results:
+                pids.append(process.pid)
     return pids
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import SimpleITK as sitk
 
@@ -191,8 +192,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def _running(pid: int) -> bool:
     try:  # an orphan that ended may stay a zombie until init reaps it
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
 
 

@@ -117,6 +117,16 @@ class STPMTAPrimusV3STrainer_fgprior(STPMTAPrimusV3STrainer):
     foreground_prior = 1.0
 
 
+class STPMTAPrimusV3STrainer_fgprior_keep50(STPMTAPrimusV3STrainer_fgprior):
+    """The foreground prior with gentler pruning: 44 of 175 tokens stay live after block 6 instead of 11."""
+    config_changes = STPMTAPrimusV3STrainer_keep50.config_changes
+
+
+class STPMTAPrimusLightTrainer_fgprior(STPMTAPrimusLightTrainer):
+    """The light sparse network whose scorers also learn which tokens hold foreground (weight 1)."""
+    foreground_prior = 1.0
+
+
 class STPMTAPrimusV3STrainer_noMTA(STPMTAPrimusV3STrainer):
     """Ablation: no completion attention; pruned positions are decoded from the features they were pruned with."""
     config_changes = {"mta": False}
@@ -144,6 +154,10 @@ class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
 
 
 class STPMTAPrimusV3STrainer_fgprior_budget(STPMTAPrimusV3STrainer_fgprior):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_fgprior_keep50_budget(STPMTAPrimusV3STrainer_fgprior_keep50):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
@@ -188,6 +202,11 @@ class STPMTAPrimusV3STrainer_equalcompute(STPMTAPrimusV3STrainer):
 
 class STPMTAPrimusLightTrainer_equalcompute(STPMTAPrimusLightTrainer):
     schedule, batch_size_override = equal_compute_schedule(0.366), BUDGET_BATCH  # 180 epochs x 25
+
+
+class STPMTAPrimusLightTrainer_fgprior_equalcompute(STPMTAPrimusLightTrainer_fgprior):
+    schedule = STPMTAPrimusLightTrainer_equalcompute.schedule  # the same iterations as without the prior
+    batch_size_override = BUDGET_BATCH
 
 
 class PrimusLightTrainer_equalcompute(PrimusLightTrainer):

@@ -85,9 +85,18 @@ def test_trainers_wrap_the_loss_when_they_name_the_prior_and_prune(weight, prune
     assert isinstance(trainer._build_loss(), LossWithForegroundPrior) == wrapped
 
 
-def test_the_fgprior_variants_are_the_default_trainers_with_the_prior():
-    for name in ("STPMTAPrimusV3STrainer_fgprior", "STPMTATrainer_fgprior"):
-        variant, base = getattr(nnscd_trainers, name), getattr(nnscd_trainers, name.split("_")[0])
-        assert variant.foreground_prior == 1.0 and base.foreground_prior == 0.0
-        assert variant.network_config.__func__ is base.network_config.__func__
-        assert issubclass(getattr(nnscd_trainers, name + "_budget"), variant)
+@pytest.mark.parametrize("name, base_name, scheduled", [
+    ("STPMTAPrimusV3STrainer_fgprior", "STPMTAPrimusV3STrainer", "_budget"),
+    ("STPMTAPrimusV3STrainer_fgprior_keep50", "STPMTAPrimusV3STrainer_keep50", "_budget"),
+    ("STPMTATrainer_fgprior", "STPMTATrainer", "_budget"),
+    ("STPMTAPrimusLightTrainer_fgprior", "STPMTAPrimusLightTrainer", "_equalcompute")])
+def test_the_fgprior_variants_are_their_base_trainers_with_the_prior(name: str, base_name: str, scheduled: str):
+    variant, base = getattr(nnscd_trainers, name), getattr(nnscd_trainers, base_name)
+    assert variant.foreground_prior == 1.0 and base.foreground_prior == 0.0
+    assert variant.network_config.__func__ is base.network_config.__func__  # the same network
+    assert (variant.config_changes, getattr(variant, "network", None)) == \
+        (base.config_changes, getattr(base, "network", None))
+    run, base_run = getattr(nnscd_trainers, name + scheduled), getattr(nnscd_trainers, base_name + scheduled, None)
+    assert issubclass(run, variant)
+    if base_run is not None:  # the same iterations as the run without the prior
+        assert (run.schedule, run.batch_size_override) == (base_run.schedule, base_run.batch_size_override)

@@ -205,8 +205,7 @@ class STPMTAPrimusLightTrainer_equalcompute(STPMTAPrimusLightTrainer):
 
 
 class STPMTAPrimusLightTrainer_fgprior_equalcompute(STPMTAPrimusLightTrainer_fgprior):
-    schedule = STPMTAPrimusLightTrainer_equalcompute.schedule  # the same iterations as without the prior
-    batch_size_override = BUDGET_BATCH
+    schedule, batch_size_override = STPMTAPrimusLightTrainer_equalcompute.schedule, BUDGET_BATCH  # as without the prior
 
 
 class PrimusLightTrainer_equalcompute(PrimusLightTrainer):

@@ -96,7 +96,6 @@ def test_the_fgprior_variants_are_their_base_trainers_with_the_prior(name: str, 
     assert variant.network_config.__func__ is base.network_config.__func__  # the same network
     assert (variant.config_changes, getattr(variant, "network", None)) == \
         (base.config_changes, getattr(base, "network", None))
-    run, base_run = getattr(nnscd_trainers, name + scheduled), getattr(nnscd_trainers, base_name + scheduled, None)
+    run, base_run = getattr(nnscd_trainers, name + scheduled), getattr(nnscd_trainers, base_name + scheduled)
     assert issubclass(run, variant)
-    if base_run is not None:  # the same iterations as the run without the prior
-        assert (run.schedule, run.batch_size_override) == (base_run.schedule, base_run.batch_size_override)
+    assert (run.schedule, run.batch_size_override) == (base_run.schedule, base_run.batch_size_override)

@@ -135,7 +135,7 @@ def test_torchrun_refuses_num_gpus_and_nnunet_trainers_on_cpu(nnunet_env, planne
 def _ddp_steps(rank: int, init_file: str, out: str, steps: Dict[str, int]) -> None:
     """One rank of the DDP step test: `steps[name]` train steps of each trainer on its half of a fixed global batch."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    torch.set_default_dtype(torch.float64)  # as the single-process side: the comparison measures averaging, not rounding
+    torch.set_default_dtype(torch.float64)  # as the single-process side: compare averaging, not rounding
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         for name, count in steps.items():

@@ -128,6 +128,15 @@ class STPMTATrainer_keep25(STPMTATrainer):
     config_changes = {"keep_ratios": (0.25, 0.25)}
 
 
+class STPMTATrainer_lr2en3(STPMTATrainer):
+    """Twice the small ViT's learning rate (AdamW 2e-3): does a short budget want a faster start?"""
+    initial_lr_adamw = 2e-3
+
+
+class UNETRTrainer_lr2en3(UNETRTrainer):
+    initial_lr_adamw = 2e-3
+
+
 class STPMTATrainer_gumbel(STPMTATrainer):
     """Ablation: the published code's single-sample Gumbel straight-through estimator instead of soft top-K."""
     config_changes = {"estimator": "gumbel"}
@@ -201,6 +210,18 @@ class STPMTATrainer_budget(STPMTATrainer):
 
 
 class STPMTATrainer_fgprior_budget(STPMTATrainer_fgprior):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_keep75_budget(STPMTATrainer_keep75):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_lr2en3_budget(STPMTATrainer_lr2en3):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class UNETRTrainer_lr2en3_budget(UNETRTrainer_lr2en3):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

@@ -32,6 +32,8 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusV3STrainer_fgprior_keep50_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusLightTrainer_budget": "PrimusLightTrainer_budget",
     "STPMTATrainer_fgprior_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_keep75_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_lr2en3_budget": "UNETRTrainer_lr2en3_budget",
     "STPMTALightTrainer_layerscale_budget": "ViTLightTrainer_layerscale_budget",
     "STPMTATrainer_equalcompute": "UNETRTrainer_equalcompute",
     "STPMTAPrimusLightTrainer_equalcompute": "PrimusLightTrainer_equalcompute",

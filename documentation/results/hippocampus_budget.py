@@ -6,14 +6,20 @@ and mean over the 42 validation cases, the paired per-case difference with its 9
 forward GFLOPs per tile. Runs already in --out's JSON are kept (trained models are never committed); a run found
 again under nnUNet_results replaces its entry.
 
+Another seed (`nnScd_seed=N bash hippocampus_budget.sh ...` into its own nnUNet_results) is read with --seed N and
+kept in hippocampus_budget_fold0_seedN_cpu.json; every run then also writes hippocampus_budget_seeds_fold0_cpu.md
+and .json: for each pair trained at more than one seed, the difference per seed and the case-paired interval of
+the seed-averaged Dice.
+
     nnUNet_results=... nnUNet_raw=... nnUNet_preprocessed=... python documentation/results/hippocampus_budget.py \
-        --out documentation/results
+        --out documentation/results [--seed N]
 """
 import argparse
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -81,22 +87,73 @@ def table(records: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_file(out: Path, seed: int) -> Path:
+    return out / ("hippocampus_budget_fold0_cpu.json" if seed == 0 else f"hippocampus_budget_fold0_seed{seed}_cpu.json")
+
+
+def seed_pairs(by_seed: Dict[int, dict]) -> List[dict]:
+    """Each (trainer, reference) pair, reference its dense twin or the U-Net, where the trainer ran at more than one
+    seed: the paired difference per seed (the reference of the same seed, else of seed 0: a fixed baseline) and the
+    case-paired interval of the seed-averaged per-case Dice."""
+    pairs = []
+    for name in sorted({n for records in by_seed.values() for n in records}):
+        for reference in dict.fromkeys([TWINS.get(name), UNET]):
+            seeds = [s for s in sorted(by_seed) if name in by_seed[s]
+                     and reference in by_seed.get(s, {}) | by_seed.get(0, {})]
+            if reference is None or reference == name or len(seeds) < 2:
+                continue
+            per_seed, mine, theirs = {}, [], []
+            for s in seeds:
+                other = by_seed[s].get(reference) or by_seed[0][reference]
+                per_seed[s] = round(paired_difference(by_seed[s][name]["per_case"], other["per_case"])["mean"], 4)
+                mine.append(by_seed[s][name]["per_case"])
+                theirs.append(other["per_case"])
+            average = [{case: float(np.mean([d[case] for d in dicts])) for case in dicts[0]} for dicts in (mine, theirs)]
+            reference_seeds = sorted({s if reference in by_seed[s] else 0 for s in seeds})
+            pairs.append({"trainer": name, "reference": reference, "reference_seeds": reference_seeds,
+                          "per_seed": per_seed, "seed_mean": round(float(np.mean(list(per_seed.values()))), 4),
+                          "seed_averaged_ci95": {k: round(v, 4) for k, v in paired_difference(*average).items()},
+                          "mean_dice_per_seed": {s: by_seed[s][name]["mean_dice"] for s in seeds}})
+    return pairs
+
+
+def seed_table(pairs: List[dict]) -> str:
+    lines = ["| trainer | against | reference seeds | Dice per seed | difference per seed | mean over seeds "
+             "| seed-averaged Dice, paired over cases [95% CI] |", "|" + "---|" * 7]
+    for p in pairs:
+        ci = p["seed_averaged_ci95"]
+        lines.append(f"| {p['trainer']} | {p['reference']} | {', '.join(map(str, p['reference_seeds']))} "
+                     f"| {', '.join(f'{s}: {d:.3f}' for s, d in p['mean_dice_per_seed'].items())} "
+                     f"| {', '.join(f'{s}: {d:+.3f}' for s, d in p['per_seed'].items())} | {p['seed_mean']:+.3f} "
+                     f"| {ci['mean']:+.3f} [{ci['ci95_low']:+.3f}, {ci['ci95_high']:+.3f}] |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="the nnScd_seed the runs under nnUNet_results used")
     args = parser.parse_args()
     settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
     models = sorted(m for view in ("budget", "equalcompute") for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
     out = Path(args.out)
-    committed = out / "hippocampus_budget_fold0_cpu.json"  # runs of earlier sessions, whose models are gone
+    committed = seed_file(out, args.seed)  # runs of earlier sessions, whose models are gone
     records = json.loads(committed.read_text()) if committed.is_file() else {}
     records.update({m.name.split("__")[0]: record(m) for m in models
                     if (m / "fold_0" / "validation" / "summary.json").is_file()})
     records = dict(sorted(records.items()))
-    (out / "hippocampus_budget_fold0_cpu.json").write_text(json.dumps(records, indent=1))
-    (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
+    committed.write_text(json.dumps(records, indent=1))
+    if args.seed == 0:
+        (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
     print(table(records))
+    by_seed = {int(f.name.split("seed")[1].split("_")[0]): json.loads(f.read_text())
+               for f in out.glob("hippocampus_budget_fold0_seed*_cpu.json")}
+    by_seed[0] = json.loads(seed_file(out, 0).read_text())
+    pairs = seed_pairs(by_seed)
+    (out / "hippocampus_budget_seeds_fold0_cpu.json").write_text(json.dumps(pairs, indent=1))
+    (out / "hippocampus_budget_seeds_fold0_cpu.md").write_text(seed_table(pairs) + "\n")
+    print(seed_table(pairs))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class STPMTAPrimusLightTrainer(TokenSparsePrimusTrainer):
 class PrimusLightTrainer(TokenSparsePrimusTrainer):
     """The dense twin of STPMTAPrimusLightTrainer (no pruning, no MTA); nnunetv2 has no trainer of this size."""
     size, config_changes = LIGHT["size"], {**LIGHT, "prune_after": (), "keep_ratios": ()}
+    foreground_prior = 0.0  # no scorers to teach
 
 
 class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):

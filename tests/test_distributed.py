@@ -66,6 +66,14 @@ def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, limit_s: float 
         time.sleep(0.1)
 
 
+def _wait_for_exit(pid: int, limit_s: float) -> None:
+    start = time.monotonic()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() - start < limit_s, f"process {pid} did not end within {limit_s} s"
+            time.sleep(0.1)
+
+
 def _log_epochs(fold_folder: Path) -> List[List[int]]:
     """The epochs each training log of the fold ran, oldest log first."""
     return [[int(line.rsplit("Epoch ", 1)[1]) for line in log.read_text().splitlines()
@@ -93,13 +101,14 @@ def test_ddp_rank_failure_ends_job_and_torchrun_resume_finishes(nnunet_env, plan
         proc = subprocess.Popen(_launch(trainer, launcher), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(fold_folder / "checkpoint_latest.pth", proc)
-        rank_1 = _worker_pid(proc.pid, 1)
+        rank_0, rank_1 = _worker_pid(proc.pid, 0), _worker_pid(proc.pid, 1)
         os.kill(rank_1, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
         failed_at = time.monotonic()
         if failure == "hangs":
-            # Once rank 0 gave up, rank 1 takes signals again, as a rank stuck in a loop or on a lock does; a frozen
-            # one would only add torchrun's fixed 30 s between its SIGTERM and its SIGKILL.
+            # Once rank 0 gave up and ended, rank 1 takes signals again (torchrun's pending SIGTERM ends it), as a rank
+            # stuck in a loop or on a lock does; a frozen one would only add torchrun's fixed 30 s before its SIGKILL.
             _wait_for_text(log, HANG_MESSAGE, proc)
+            _wait_for_exit(rank_0, limit_s=15)
             os.kill(rank_1, signal.SIGCONT)
         proc.wait(timeout=TIMEOUT_S + 90)
         ended_after = time.monotonic() - failed_at
@@ -117,9 +126,9 @@ def test_ddp_rank_failure_ends_job_and_torchrun_resume_finishes(nnunet_env, plan
     if failure == "killed":  # torchrun sees the worker die and stops the others at once
         assert ended_after < 30, f"the job took {ended_after:.0f} s to end after rank 1 was killed"
         assert "local_rank: 1" in output and "Signal 9 (SIGKILL)" in output, output[-4000:]
-    else:  # rank 0 waits one collective timeout, then names itself and the fix; torchrun ends rank 1
+    else:  # rank 0 waits one collective timeout, names itself and the fix, and ends; torchrun ends rank 1
         assert ended_after < TIMEOUT_S + 30, f"the job took {ended_after:.0f} s to end after rank 1 hung"
-        assert f"rank 0 of 2: {HANG_MESSAGE}" in output, output[-4000:]
+        assert f"rank 0 of 2: {HANG_MESSAGE}" in output and "rank 1 of 2:" not in output, output[-4000:]
         assert "rerun with --c" in output
     assert not (fold_folder / "checkpoint_final.pth").exists()
 

@@ -91,7 +91,7 @@ def test_the_sparse_primus_family_learns_the_prior_by_default_and_the_vit_family
     for name in ("STPMTAPrimusV3STrainer", "STPMTAPrimusV3BTrainer", "STPMTAPrimusV3MTrainer", "STPMTAPrimusV3LTrainer",
                  "STPMTAPrimusLightTrainer", "STPMTAPrimusV3STrainer_keep50_budget"):
         assert getattr(nnscd_trainers, name).foreground_prior == 1.0, name
-    for name in ("STPMTATrainer", "STPMTALightTrainer", "STPMTAPrimusV3STrainer_noprior_budget"):
+    for name in ("STPMTATrainer", "STPMTALightTrainer", "STPMTAPrimusV3STrainer_noprior_budget", "PrimusLightTrainer"):
         assert getattr(nnscd_trainers, name).foreground_prior == 0.0, name
 
 

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the drivers are not in the package
 from hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference  # noqa: E402
+from nnscd.checks.trainer_names import find_trainer  # noqa: E402
 from nnscd.core.paths import settle_environment  # noqa: E402
 
 DATASET = "Dataset004_Hippocampus"
@@ -47,6 +48,20 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTALightTrainer_layerscale_budget": "ViTLightTrainer_layerscale_budget",
     "APFormerTrainer_budget": "APFormerNoPruneTrainer_budget",
 }
+
+
+def check_run(model: Path, seed: int) -> None:
+    """SystemExit unless the run used `seed` and the foreground prior its trainer class has today (a run of a
+    renamed class, or another seed's, would file its Dice under the wrong name)."""
+    debug = json.loads((model / "fold_0" / "debug.json").read_text())
+    name = model.name.split("__")[0]
+    if debug.get("seed") != str(seed):
+        raise SystemExit(f"{model}: trained with nnScd_seed={debug.get('seed')}, not {seed}. Pass --seed "
+                         f"{debug.get('seed')}, or keep each seed's runs in their own nnUNet_results.")
+    prior = getattr(find_trainer(name), "foreground_prior", 0.0)
+    if float(debug.get("foreground_prior", 0.0)) != prior:
+        raise SystemExit(f"{model}: trained with foreground_prior={debug.get('foreground_prior')}, but {name} has "
+                         f"{prior} today (the class changed since). Move the folder out of nnUNet_results.")
 
 
 def record(model: Path) -> dict:
@@ -101,14 +116,14 @@ def seed_pairs(by_seed: Dict[int, dict]) -> List[dict]:
                      and reference in by_seed.get(s, {}) | by_seed.get(0, {})]
             if reference is None or reference == name or len(seeds) < 2:
                 continue
-            per_seed, mine, theirs = {}, [], []
+            per_seed = {}
             for s in seeds:
                 other = by_seed[s].get(reference) or by_seed[0][reference]
                 per_seed[s] = round(paired_difference(by_seed[s][name]["per_case"], other["per_case"])["mean"], 4)
-                mine.append(by_seed[s][name]["per_case"])
-                theirs.append(other["per_case"])
-            average = [{case: float(np.mean([d[case] for d in dicts])) for case in dicts[0]} for dicts in (mine, theirs)]
             reference_seeds = sorted({s if reference in by_seed[s] else 0 for s in seeds})
+            mine = [by_seed[s][name]["per_case"] for s in seeds]
+            theirs = [by_seed[s][reference]["per_case"] for s in reference_seeds]  # each reference run once
+            average = [{case: float(np.mean([d[case] for d in dicts])) for case in dicts[0]} for dicts in (mine, theirs)]
             pairs.append({"trainer": name, "reference": reference, "reference_seeds": reference_seeds,
                           "per_seed": per_seed, "seed_mean": round(float(np.mean(list(per_seed.values()))), 4),
                           "seed_averaged_ci95": {k: round(v, 4) for k, v in paired_difference(*average).items()},
@@ -139,8 +154,10 @@ def main() -> None:
     out = Path(args.out)
     committed = seed_file(out, args.seed)  # runs of earlier sessions, whose models are gone
     records = json.loads(committed.read_text()) if committed.is_file() else {}
-    records.update({m.name.split("__")[0]: record(m) for m in models
-                    if (m / "fold_0" / "validation" / "summary.json").is_file()})
+    models = [m for m in models if (m / "fold_0" / "validation" / "summary.json").is_file()]
+    for m in models:
+        check_run(m, args.seed)
+    records.update({m.name.split("__")[0]: record(m) for m in models})
     records = dict(sorted(records.items()))
     committed.write_text(json.dumps(records, indent=1))
     if args.seed == 0:
@@ -148,11 +165,12 @@ def main() -> None:
     print(table(records))
     by_seed = {int(f.name.split("seed")[1].split("_")[0]): json.loads(f.read_text())
                for f in out.glob("hippocampus_budget_fold0_seed*_cpu.json")}
-    by_seed[0] = json.loads(seed_file(out, 0).read_text())
+    by_seed[0] = json.loads(seed_file(out, 0).read_text()) if seed_file(out, 0).is_file() else {}
     pairs = seed_pairs(by_seed)
-    (out / "hippocampus_budget_seeds_fold0_cpu.json").write_text(json.dumps(pairs, indent=1))
-    (out / "hippocampus_budget_seeds_fold0_cpu.md").write_text(seed_table(pairs) + "\n")
-    print(seed_table(pairs))
+    if pairs:
+        (out / "hippocampus_budget_seeds_fold0_cpu.json").write_text(json.dumps(pairs, indent=1))
+        (out / "hippocampus_budget_seeds_fold0_cpu.md").write_text(seed_table(pairs) + "\n")
+        print(seed_table(pairs))
 
 
 if __name__ == "__main__":

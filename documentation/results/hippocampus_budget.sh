@@ -10,7 +10,11 @@ BIN=$(dirname "$0")/../../.venv/bin
 export nnScd_seed=${nnScd_seed:-0} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-1} nnUNet_def_n_proc=${nnUNet_def_n_proc:-2}
 for trainer in "$@"; do
   summary="$nnUNet_results/Dataset004_Hippocampus/${trainer}__nnUNetPlans__3d_fullres/fold_0/validation/summary.json"
-  [ -f "$summary" ] && { echo "$trainer: done"; continue; }
+  if [ -f "$summary" ]; then  # done, unless another seed's run sits there
+    grep -q "\"seed\": \"$nnScd_seed\"" "$(dirname "$summary")/../debug.json" && { echo "$trainer: done"; continue; }
+    echo "$trainer: $nnUNet_results holds a run of another nnScd_seed; give seed $nnScd_seed its own nnUNet_results" >&2
+    exit 1
+  fi
   start=$(date +%s)
   "$BIN/nnScd_train" 4 3d_fullres 0 -tr "$trainer" -device cpu
   echo "$trainer: $(( $(date +%s) - start )) s (training and final validation)"

@@ -192,7 +192,8 @@ def write_plot(path: str, report: dict) -> None:
     pairs = [("gflops_forward", "gflops_model", "forward GFLOPs", "measured", "modelled")]
     if "epoch_s_with_loading" in results[0]:
         pairs.append(("epoch_s_with_loading", "epoch_s_without_loading", "epoch s", "data loading", "in memory"))
-    fig, axes = plt.subplots(1, 2 + len(pairs), figsize=(4 + 1.6 * (1 + len(pairs)) * len(names) / 2, 4.5))
+    panel_width = max(2.8, 0.8 * len(names) + 1)  # room for the rotated names and a legend inside each panel
+    fig, axes = plt.subplots(1, 2 + len(pairs), figsize=(panel_width * (2 + len(pairs)), 4.5))
     for ax, key, title in ((axes[0], "train_samples_per_s", "training samples/s"),
                            (axes[1], "infer_samples_per_s", "inference samples/s")):
         ax.bar(pos, [r[key] for r in results], color="tab:blue" if key.startswith("train") else "tab:green")
@@ -210,7 +211,7 @@ def write_plot(path: str, report: dict) -> None:
     fig.tight_layout()
     make_parent(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")  # the rotated names stay whole
     plt.close(fig)
 
 

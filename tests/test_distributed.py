@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import psutil
 import pytest
@@ -50,28 +50,19 @@ def _processes_of(trainer: str, results: str) -> List[int]:
     return pids
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
+def _wait_until(done: Callable[[], bool], what: str, limit_s: float, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll `done` until it holds; fail if `proc` (the job) ends first or `limit_s` passes."""
     start = time.monotonic()
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path.name} was written"
-        assert time.monotonic() - start < limit_s, f"no {path.name} after {limit_s} s"
+    while not done():
+        assert proc is None or proc.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() - start < limit_s, f"no {what} after {limit_s} s"
         time.sleep(0.05)
 
 
-def _wait_for_text(log: Path, text: str, proc: subprocess.Popen, limit_s: float = TIMEOUT_S + 60) -> None:
-    start = time.monotonic()
-    while text not in log.read_text():
-        assert proc.poll() is None, f"the job ended without {text!r}: {log.read_text()[-4000:]}"
-        assert time.monotonic() - start < limit_s, f"no {text!r} after {limit_s} s"
-        time.sleep(0.1)
-
-
-def _wait_for_exit(pid: int, limit_s: float) -> None:
-    start = time.monotonic()
+def _ended(pid: int) -> bool:
     with contextlib.suppress(psutil.NoSuchProcess):
-        while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() - start < limit_s, f"process {pid} did not end within {limit_s} s"
-            time.sleep(0.1)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return True
 
 
 def _log_epochs(fold_folder: Path) -> List[List[int]]:
@@ -100,15 +91,15 @@ def test_ddp_rank_failure_ends_job_and_torchrun_resume_finishes(nnunet_env, plan
     with open(log, "w") as out:
         proc = subprocess.Popen(_launch(trainer, launcher), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for(fold_folder / "checkpoint_latest.pth", proc)
+        _wait_until((fold_folder / "checkpoint_latest.pth").exists, "checkpoint_latest.pth", 300, proc)
         rank_0, rank_1 = _worker_pid(proc.pid, 0), _worker_pid(proc.pid, 1)
         os.kill(rank_1, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
         failed_at = time.monotonic()
         if failure == "hangs":
             # Once rank 0 gave up and ended, rank 1 takes signals again (torchrun's pending SIGTERM ends it), as a rank
             # stuck in a loop or on a lock does; a frozen one would only add torchrun's fixed 30 s before its SIGKILL.
-            _wait_for_text(log, HANG_MESSAGE, proc)
-            _wait_for_exit(rank_0, limit_s=15)
+            _wait_until(lambda: HANG_MESSAGE in log.read_text(), repr(HANG_MESSAGE), TIMEOUT_S + 60, proc)
+            _wait_until(lambda: _ended(rank_0), "end of rank 0 after its message", 15)
             os.kill(rank_1, signal.SIGCONT)
         proc.wait(timeout=TIMEOUT_S + 90)
         ended_after = time.monotonic() - failed_at

@@ -17,6 +17,7 @@ the seed-averaged Dice.
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -101,6 +102,9 @@ def table(records: dict) -> str:
     return "\n".join(lines)
 
 
+SEED_FILE = re.compile(r"hippocampus_budget_fold0_(?:seed(\d+)_)?cpu\.json")  # seed 0 has no seed in its name
+
+
 def seed_file(out: Path, seed: int) -> Path:
     return out / ("hippocampus_budget_fold0_cpu.json" if seed == 0 else f"hippocampus_budget_fold0_seed{seed}_cpu.json")
 
@@ -112,15 +116,14 @@ def seed_pairs(by_seed: Dict[int, dict]) -> List[dict]:
     pairs = []
     for name in sorted({n for records in by_seed.values() for n in records}):
         for reference in dict.fromkeys([TWINS.get(name), UNET]):
-            seeds = [s for s in sorted(by_seed) if name in by_seed[s]
-                     and reference in by_seed.get(s, {}) | by_seed.get(0, {})]
-            if reference is None or reference == name or len(seeds) < 2:
+            reference_seed = {s: s if reference in by_seed[s] else 0 for s in sorted(by_seed)  # else seed 0's
+                              if name in by_seed[s] and (reference in by_seed[s] or reference in by_seed.get(0, {}))}
+            if reference is None or reference == name or len(reference_seed) < 2:
                 continue
-            per_seed = {}
-            for s in seeds:
-                other = by_seed[s].get(reference) or by_seed[0][reference]
-                per_seed[s] = round(paired_difference(by_seed[s][name]["per_case"], other["per_case"])["mean"], 4)
-            reference_seeds = sorted({s if reference in by_seed[s] else 0 for s in seeds})
+            seeds, reference_seeds = list(reference_seed), sorted(set(reference_seed.values()))
+            per_seed = {s: round(paired_difference(by_seed[s][name]["per_case"],
+                                                   by_seed[r][reference]["per_case"])["mean"], 4)
+                        for s, r in reference_seed.items()}
             mine = [by_seed[s][name]["per_case"] for s in seeds]
             theirs = [by_seed[s][reference]["per_case"] for s in reference_seeds]  # each reference run once
             average = [{case: float(np.mean([d[case] for d in dicts])) for case in dicts[0]} for dicts in (mine, theirs)]
@@ -163,10 +166,9 @@ def main() -> None:
     if args.seed == 0:
         (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
     print(table(records))
-    by_seed = {int(f.name.split("seed")[1].split("_")[0]): json.loads(f.read_text())
-               for f in out.glob("hippocampus_budget_fold0_seed*_cpu.json")}
-    by_seed[0] = json.loads(seed_file(out, 0).read_text()) if seed_file(out, 0).is_file() else {}
-    pairs = seed_pairs(by_seed)
+    by_seed = {int(match[1] or 0): json.loads(f.read_text()) for f in out.iterdir()
+               if (match := SEED_FILE.fullmatch(f.name)) and f != committed}
+    pairs = seed_pairs({**by_seed, args.seed: records})
     if pairs:
         (out / "hippocampus_budget_seeds_fold0_cpu.json").write_text(json.dumps(pairs, indent=1))
         (out / "hippocampus_budget_seeds_fold0_cpu.md").write_text(seed_table(pairs) + "\n")

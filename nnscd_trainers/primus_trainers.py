@@ -24,6 +24,7 @@ from nnscd.networks.token_sparse_primus import LIGHT, PRIMUS_TOKEN, SparsePrimus
 from nnscd.core.token_planning import TokenPlan, plan_tokens
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
+from nnscd_trainers.keep_warmup import KeepWarmup
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
                                           equal_compute_schedule, nnScdTrainer)
 
@@ -47,7 +48,7 @@ class nnScdPrimusTrainer(nnScdTrainer, AbstractPrimus):
                            tokens=PRIMUS_TOKEN)
 
 
-class TokenSparsePrimusTrainer(ForegroundPrior, KeepStatistics, nnScdPrimusTrainer):
+class TokenSparsePrimusTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdPrimusTrainer):
     """Builds `TokenSparsePrimus` of `size`; variants change `config_changes` (fields of SparsePrimusConfig).
 
     The scorers learn the foreground prior by default: without it they pruned the foreground (0.9% of it kept after
@@ -116,6 +117,12 @@ class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
     config_changes = {"keep_ratios": (0.5, 0.5)}
 
 
+class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
+    """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
+    epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
+    keep_warmup = 0.4
+
+
 class STPMTAPrimusV3STrainer_noprior(STPMTAPrimusV3STrainer):
     """Without the foreground prior: the scorers learn only through STP's soft top-K."""
     foreground_prior = 0.0
@@ -150,6 +157,10 @@ class STPMTAPrimusV3STrainer_budget(STPMTAPrimusV3STrainer):
 
 
 class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_keepwarmup_budget(STPMTAPrimusV3STrainer_keepwarmup):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

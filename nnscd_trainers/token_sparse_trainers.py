@@ -20,11 +20,12 @@ from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
 from nnscd.core.token_planning import TokenPlan, token_plan_for
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
+from nnscd_trainers.keep_warmup import KeepWarmup
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
                                           WarmupPolyLR, equal_compute_schedule, nnScdTrainer)
 
 
-class TokenSparseTrainer(ForegroundPrior, KeepStatistics, nnScdTrainer):
+class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrainer):
     """Trains `nnscd.networks.registry.CONFIGS[network]` with the token size of the plans."""
     network = "stpmta"
     config_changes: dict = {}  # fields of TokenSparseConfig that a variant overrides
@@ -128,6 +129,12 @@ class STPMTATrainer_keep25(STPMTATrainer):
     config_changes = {"keep_ratios": (0.25, 0.25)}
 
 
+class STPMTATrainer_keepwarmup(STPMTATrainer):
+    """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
+    epochs (nnscd_trainers.keep_warmup); inference keeps 50% then 25% as STPMTATrainer."""
+    keep_warmup = 0.4
+
+
 class STPMTATrainer_lr2en3(STPMTATrainer):
     """Twice the small ViT's learning rate (AdamW 2e-3): does a short budget want a faster start?"""
     initial_lr_adamw = 2e-3
@@ -214,6 +221,10 @@ class STPMTATrainer_fgprior_budget(STPMTATrainer_fgprior):
 
 
 class STPMTATrainer_keep75_budget(STPMTATrainer_keep75):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_keepwarmup_budget(STPMTATrainer_keepwarmup):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

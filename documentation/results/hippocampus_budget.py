@@ -35,6 +35,7 @@ UNET = "nnScdTrainer_budget"
 TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusV3STrainer_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_keep50_budget": "PrimusV3STrainer_budget",
+    "STPMTAPrimusV3STrainer_keepwarmup_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_noprior_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_noprior_cumulative_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusLightTrainer_budget": "PrimusLightTrainer_budget",
@@ -43,6 +44,7 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTATrainer_budget": "UNETRTrainer_budget",
     "STPMTATrainer_fgprior_budget": "UNETRTrainer_budget",
     "STPMTATrainer_keep75_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_keepwarmup_budget": "UNETRTrainer_budget",
     "STPMTATrainer_lr2en3_budget": "UNETRTrainer_lr2en3_budget",
     "STPMTATrainer_equalcompute": "UNETRTrainer_equalcompute",
     "STPMTALightTrainer_budget": "ViTLightTrainer_budget",

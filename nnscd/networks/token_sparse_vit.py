@@ -241,18 +241,23 @@ class SoftTopKPruning(nn.Module):
 
     After a training forward `last_scores` holds the raw scores and grid positions of the tokens it ranked, each
     (B, L_live), for a loss on the scorer (nnscd_trainers.foreground_prior); None after an inference forward.
+
+    `train_keep`, when set, replaces `keep` in training forwards only: a curriculum that starts with more tokens
+    live (nnscd_trainers.keep_warmup); inference always keeps `keep`.
     """
 
     def __init__(self, keep: float, config: TokenSparseConfig, dim: Optional[int] = None):
         super().__init__()
         self.keep, self.config = keep, config  # config: any object with TokenSparseConfig's STP fields
+        self.train_keep: Optional[float] = None
         dim = dim or config.dim
         self.scorer = TokenScorer(dim, config.scorer_hidden or dim // 4)
         self.last_scores: Optional[tuple[Tensor, Tensor]] = None
 
     def forward(self, live: TokenSet) -> tuple[TokenSet, TokenSet]:  # -> kept (B, K, D), pruned (B, L_live-K, D)
         x, positions = live.features, live.positions
-        k = num_kept(x.shape[1], self.keep, self.config.min_tokens)
+        keep = self.train_keep if self.training and self.train_keep is not None else self.keep
+        k = num_kept(x.shape[1], keep, self.config.min_tokens)
         raw = self.scorer(x).float()  # (B, L_live), fp32: the noise scale must mean the same
         self.last_scores = (raw, positions) if self.training else None
         scores = standardise(raw)

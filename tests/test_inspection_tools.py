@@ -1,5 +1,6 @@
 """nnScd_token_maps and nnScd_attention_ablation: on one short STP+MTA training, and at unit level on a tiny net."""
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DATASET, run_command
-from nnscd.tools.attention_ablation import ablated_decoder
+from nnscd.tools.attention_ablation import ablated_decoder, check_keep_ratios, inference_keep
 from nnscd.networks.soft_topk import num_kept
 from nnscd.networks.token_sparse_vit import TokenSparseConfig, TokenSparseSegmenter
 from nnscd.core.errors import UserError
@@ -118,10 +119,11 @@ def test_ablation_reports_each_mode_and_zeroed_attention_changes_the_prediction(
     out = tmp_path / "ablation"
     proc = run_command(["nnScd_attention_ablation", "-m", str(trained_stpmta), "-f", FOLD,
                         "-i", str(planned_dataset / "imagesTs"), "-ref", str(planned_dataset / "labelsTs"),
-                        "-o", str(out), "-device", "cpu", "-npp", "0", "-nps", "0"], nnunet_env)
+                        "-o", str(out), "-device", "cpu", "-npp", "0", "-nps", "0", "--keep", "1"], nnunet_env)
     report = json.loads((out / "ablation.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["none", "zeros", "shuffle"] and report["tta"] is False
+    assert list(modes) == ["none", "zeros", "shuffle", "keep1"] and report["tta"] is False
+    assert report["keep_ratios"] == [0.5, 0.5]  # the network's own, restored after keep1
     assert set(modes["none"]["dice"]) == {"ball", "box", "mean"}
     assert all(drop == 0 for drop in modes["none"]["dice_drop"].values())
     for mode in modes.values():
@@ -170,6 +172,28 @@ def test_zeros_ablation_feeds_the_decoder_zero_maps(tiny_net, monkeypatch):
     assert not torch.allclose(zeroed_output, clean_output)
     with torch.no_grad():  # the hook is gone after the block
         assert torch.equal(net(x), clean_output)
+
+
+def test_inference_keep_changes_what_every_stage_keeps_inside_the_block_only(tiny_net):
+    net, x = tiny_net
+    with torch.no_grad():
+        pruned = net(x)
+        with inference_keep(net, 1.0):
+            dense = net(x)
+            assert [p.shape[1] for p in net.last_keep_indices] == [64, 64]  # 4^3 tokens, none pruned
+        assert [p.shape[1] for p in net.last_keep_indices] == [64, 64]  # (the last forward's)
+        assert torch.equal(net(x), pruned) and [p.shape[1] for p in net.last_keep_indices] == [32, 16]
+    assert not torch.allclose(dense, pruned)
+
+
+def test_keep_ratios_need_a_sparse_network_and_lie_in_zero_one():
+    dense = TokenSparseSegmenter(1, 3, (16, 16, 16), dataclasses.replace(TINY, prune_after=(), keep_ratios=()))
+    with pytest.raises(UserError, match="UNETRTrainer builds a dense network"):
+        check_keep_ratios([1.0], dense, "UNETRTrainer")
+    check_keep_ratios([], dense, "UNETRTrainer")  # nothing asked: nothing to refuse
+    sparse = TokenSparseSegmenter(1, 3, (16, 16, 16), TINY)
+    with pytest.raises(UserError, match=r"--keep 0.0 1.5: .* in \(0, 1\]"):
+        check_keep_ratios([0.5, 0.0, 1.5], sparse, "STPMTATrainer")
 
 
 def token_permutation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("--modes", nargs="+", choices=ABLATIONS, default=list(ABLATIONS),
                         help="ablations (default all); the unchanged prediction always runs as the reference")
+    parser.add_argument("--keep", nargs="+", type=float, default=[], metavar="K",
+                        help="sparse networks: also predict with every STP stage keeping K of its live tokens "
+                             "(1: no pruning), to see what pruning at inference costs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token permutation (default 0)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off for speed)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")

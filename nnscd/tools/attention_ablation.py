@@ -8,6 +8,10 @@ and evaluates each against the labels with nnU-Net's metrics. The replacement is
 `network.decoder`, so the network's code is untouched. A small Dice drop means the decoder ignores the
 transformer (the Primus paper found many hybrids do); a sparsity claim means little then.
 
+`--keep K ...` adds one mode per K (`keep1`, `keep0.75`, ...) for a sparse network: every STP stage keeps K of its
+live tokens at inference, the weights unchanged. `keep1` prunes nothing: its drop from `none` is what pruning at
+inference costs, which separates that cost from a network that learned less in a sparse training.
+
 Writes OUT/MODE/ (predictions and nnU-Net's summary.json), OUT/ablation.json and OUT/ablation.csv (Dice per class
 and mode, and the drop from the unchanged prediction), and prints the table.
 """
@@ -24,7 +28,7 @@ from tqdm import tqdm
 
 from nnscd.core.errors import UserError
 from nnscd.core.safe_io import write_csv, write_json
-from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenSparseSegmenter
 from nnscd.tools.trained_models import load_model
 
 MODES = ("none", "zeros", "shuffle")
@@ -61,6 +65,34 @@ def ablated_decoder(network: TokenSparseSegmenter, mode: str, seed: int = 0) -> 
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def inference_keep(network: TokenSparseSegmenter, keep: float) -> Iterator[None]:
+    """Inside the block every STP stage keeps `keep` of its live tokens; the network's ratios come back after."""
+    stages = [m for m in network.modules() if isinstance(m, SoftTopKPruning)]
+    ratios = [s.keep for s in stages]
+    for stage in stages:
+        stage.keep = keep
+    try:
+        yield
+    finally:
+        for stage, ratio in zip(stages, ratios):
+            stage.keep = ratio
+
+
+def keep_mode(keep: float) -> str:
+    return f"keep{keep:g}"
+
+
+def check_keep_ratios(keeps: Sequence[float], network: TokenSparseSegmenter, trainer_name: str) -> None:
+    if keeps and not network.config.sparse:
+        raise UserError(f"--keep: trainer {trainer_name} builds a dense network (no STP stages), so there is no "
+                        f"keep ratio to change; use it with a token-sparse model (e.g. STPMTATrainer).")
+    bad = [k for k in keeps if not 0 < k <= 1]
+    if bad:
+        raise UserError(f"--keep {' '.join(map(str, bad))}: a keep ratio is the share of live tokens a stage keeps, "
+                        f"in (0, 1] (1 prunes nothing).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,16 +165,21 @@ def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
     predictor, network = load_model(args.m, args.f, args.chk, args.device, "nnScd_attention_ablation",
                                     use_mirroring=args.tta, primus=False)  # ablates the ViT decoder's input maps
     check_folders(args.i, args.ref, predictor.dataset_json["file_ending"])
-    modes = ["none"] + [m for m in dict.fromkeys(args.modes) if m != "none"]  # the reference always runs
+    check_keep_ratios(args.keep, network, predictor.trainer_name)
+    modes = {mode: ablated_decoder(network, mode, args.seed)  # the reference ("none") always runs, first
+             for mode in ["none"] + [m for m in dict.fromkeys(args.modes) if m != "none"]}
+    modes.update({keep_mode(k): inference_keep(network, k) for k in dict.fromkeys(args.keep)})
     summaries = {}
-    for mode in tqdm(modes, desc="nnScd_attention_ablation", unit="mode"):
-        with ablated_decoder(network, mode, args.seed):
+    for mode, context in tqdm(modes.items(), desc="nnScd_attention_ablation", unit="mode"):
+        with context:
             predict_folder(predictor, args.i, os.path.join(args.o, mode), args.npp, args.nps)
         summaries[mode] = evaluate_folder(args.ref, os.path.join(args.o, mode), args.nps)
     results = dice_drops(summaries, class_names(predictor.dataset_json))
     write_json(os.path.join(args.o, "ablation.json"), indent=1, content={
         "model": os.path.abspath(args.m), "trainer": predictor.trainer_name, "folds": args.f, "checkpoint": args.chk,
-        "sparse": network.config.sparse, "tta": args.tta, "seed": args.seed, "images": os.path.abspath(args.i),
+        "sparse": network.config.sparse, "keep_ratios": [s.keep for s in network.modules()
+                                                         if isinstance(s, SoftTopKPruning)],
+        "tta": args.tta, "seed": args.seed, "images": os.path.abspath(args.i),
         "reference": os.path.abspath(args.ref), "modes": results})
     write_csv(os.path.join(args.o, "ablation.csv"), [{"mode": mode, "class": c, "dice": r["dice"][c],
                                                       "dice_drop": r["dice_drop"][c]}

@@ -135,6 +135,12 @@ class STPMTATrainer_keepwarmup(STPMTATrainer):
     keep_warmup = 0.4
 
 
+class STPMTATrainer_straightthrough(STPMTATrainer):
+    """Kept and pruned tokens enter training unscaled, as at inference; the soft top-K indicators reach the scorers
+    through their gradient only (straight-through)."""
+    config_changes = {"straight_through": True}
+
+
 class STPMTATrainer_lr2en3(STPMTATrainer):
     """Twice the small ViT's learning rate (AdamW 2e-3): does a short budget want a faster start?"""
     initial_lr_adamw = 2e-3
@@ -225,6 +231,10 @@ class STPMTATrainer_keep75_budget(STPMTATrainer_keep75):
 
 
 class STPMTATrainer_keepwarmup_budget(STPMTATrainer_keepwarmup):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_straightthrough_budget(STPMTATrainer_straightthrough):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

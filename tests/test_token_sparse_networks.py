@@ -200,6 +200,19 @@ def test_inference_is_deterministic_and_training_selects_the_same_tokens():
     assert all(torch.equal(a, b) for a, b in zip(keep, net.last_keep_indices))
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_straight_through_trains_on_inference_features_and_still_teaches_the_scorers(straight_through):
+    torch.manual_seed(4)
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(TINY, straight_through=straight_through))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        inference = net.eval()(x)
+    training = net.train()(x)
+    assert torch.allclose(training, inference, atol=1e-5) == straight_through  # soft: the indicators scale features
+    training.square().mean().backward()
+    assert all(stage.scorer.head[-1].weight.grad.abs().sum() > 0 for stage in net.encoder.stages)
+
+
 def test_patch_not_divisible_by_token_size_raises_a_clear_error():
     with pytest.raises(ValueError) as error:
         TokenSparseSegmenter(1, 2, (32, 32, 30), replace(TINY, token_size=8))

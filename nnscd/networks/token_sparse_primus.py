@@ -76,6 +76,7 @@ class SparsePrimusConfig:
     scorer_hidden: int = 96
     mta: bool = True
     cumulative_weights: bool = False  # True: weight by the product of all a token's indicators (see encode)
+    straight_through: bool = False  # True: the indicators scale no features in training, only gradients (STP)
     mta_dim: int = 192
     mta_depth: int = 1
     mta_heads: int = 4  # head 48 -> RoPE over 32 channels (Eva's rule: head / 1.5, divisible by 4)

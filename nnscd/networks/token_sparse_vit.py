@@ -61,6 +61,7 @@ class TokenSparseConfig:
     stem: str = "linear"  # one conv, kernel = stride = token; "conv": PrimusV3's residual conv stem (3D, token 8)
     decoder_init: str = "torch"  # "he": Primus' init of its decoder (He normal, a = 1e-2, zero biases)
     layer_scale: float = 0.0  # > 0: LayerScale on the encoder blocks' residual branches, initialised to it
+    straight_through: bool = False  # True: training scales no features (as inference); only gradients see the indicators
 
     def __post_init__(self):
         if self.dim % self.heads or self.mta_dim % self.mta_heads:
@@ -270,6 +271,9 @@ class SoftTopKPruning(nn.Module):
             indicator = soft_topk(scores, k, c.sigma, c.num_samples, c.estimator).to(x.dtype)  # (B, L_live)
             kept_weight = indicator.gather(1, keep_idx).unsqueeze(-1)
             dropped_weight = (1 - indicator.gather(1, drop_idx)).unsqueeze(-1)
+            if c.straight_through:  # value 1, gradient of the indicator: the scorer learns as before
+                kept_weight = kept_weight - kept_weight.detach() + 1
+                dropped_weight = dropped_weight - dropped_weight.detach() + 1
             kept, dropped = kept * kept_weight, dropped * dropped_weight
         return (TokenSet(kept, positions.gather(1, keep_idx), kept_weight),
                 TokenSet(dropped, positions.gather(1, drop_idx), dropped_weight))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnscd.networks.token_sparse_vit import SoftTopKPruning
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, stp_stages
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnscd_trainers.keep_statistics import foreground_mask, foreground_tokens
 from nnscd.core.device import unwrap
@@ -43,7 +43,7 @@ class LossWithForegroundPrior(nn.Module):
         net = self.network()
         if not net.training:
             return loss
-        stages = [m for m in net.modules() if isinstance(m, SoftTopKPruning)]
+        stages = stp_stages(net)
         seg = target[0] if isinstance(target, (list, tuple)) else target  # full resolution under deep supervision
         return loss + self.weight * scorer_prior_loss(stages, foreground_mask(seg, self.label_manager),
                                                       list(net.token_size))

@@ -12,7 +12,7 @@ pseudo Dice and keep statistics measure the network users get.
 import math
 
 from nnscd.core.device import unwrap
-from nnscd.networks.token_sparse_vit import SoftTopKPruning
+from nnscd.networks.token_sparse_vit import stp_stages
 
 
 def warmup_keep(keep: float, epoch: int, warmup_epochs: int) -> float:
@@ -35,7 +35,7 @@ class KeepWarmup:
         warmup_epochs = self.keep_warmup_epochs()
         if not warmup_epochs:
             return
-        stages = [m for m in unwrap(self.network).modules() if isinstance(m, SoftTopKPruning)]
+        stages = stp_stages(unwrap(self.network))
         for stage in stages:
             stage.train_keep = warmup_keep(stage.keep, self.current_epoch, warmup_epochs)
         if stages:

@@ -279,6 +279,11 @@ class SoftTopKPruning(nn.Module):
                 TokenSet(dropped, positions.gather(1, drop_idx), dropped_weight))
 
 
+def stp_stages(network: nn.Module) -> list[SoftTopKPruning]:
+    """The STP stages of any network (ViT or Primus family), in order; none for a dense twin."""
+    return [m for m in network.modules() if isinstance(m, SoftTopKPruning)]
+
+
 class TokenSparseEncoder(nn.Module):
     """ViT blocks with STP stages after the chosen blocks. For every tap block it returns the token sets that
     make up the sequence at that depth: the tokens pruned so far (features of the block they were pruned

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nnscd.core.errors import UserError
 from nnscd.core.safe_io import write_csv, write_json
-from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenSparseSegmenter
+from nnscd.networks.token_sparse_vit import TokenSparseSegmenter, stp_stages
 from nnscd.tools.trained_models import load_model
 
 MODES = ("none", "zeros", "shuffle")
@@ -70,7 +70,7 @@ def ablated_decoder(network: TokenSparseSegmenter, mode: str, seed: int = 0) -> 
 @contextmanager
 def inference_keep(network: TokenSparseSegmenter, keep: float) -> Iterator[None]:
     """Inside the block every STP stage keeps `keep` of its live tokens; the network's ratios come back after."""
-    stages = [m for m in network.modules() if isinstance(m, SoftTopKPruning)]
+    stages = stp_stages(network)
     ratios = [s.keep for s in stages]
     for stage in stages:
         stage.keep = keep
@@ -177,8 +177,7 @@ def attention_ablation(args: argparse.Namespace) -> Dict[str, dict]:
     results = dice_drops(summaries, class_names(predictor.dataset_json))
     write_json(os.path.join(args.o, "ablation.json"), indent=1, content={
         "model": os.path.abspath(args.m), "trainer": predictor.trainer_name, "folds": args.f, "checkpoint": args.chk,
-        "sparse": network.config.sparse, "keep_ratios": [s.keep for s in network.modules()
-                                                         if isinstance(s, SoftTopKPruning)],
+        "sparse": network.config.sparse, "keep_ratios": [s.keep for s in stp_stages(network)],
         "tta": args.tta, "seed": args.seed, "images": os.path.abspath(args.i),
         "reference": os.path.abspath(args.ref), "modes": results})
     write_csv(os.path.join(args.o, "ablation.csv"), [{"mode": mode, "class": c, "dice": r["dice"][c],

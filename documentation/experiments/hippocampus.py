@@ -73,14 +73,19 @@ def _final_logging(model: Path) -> dict:
                       weights_only=False)["logging"]
 
 
-def paired_difference(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
-    """Mean of a - b over the shared cases with its 95% t-interval."""
+def mean_ci95(values: List[float]) -> Dict[str, float]:
+    """Mean with its 95% t-interval (at least two values)."""
     from scipy import stats
 
-    diff = np.array([a[k] - b[k] for k in sorted(a)])
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-    return {"mean": float(diff.mean()), "ci95_low": float(diff.mean() - half), "ci95_high": float(diff.mean() + half),
-            "cases": len(diff)}
+    values = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return {"mean": float(values.mean()), "ci95_low": float(values.mean() - half),
+            "ci95_high": float(values.mean() + half)}
+
+
+def paired_difference(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
+    """Mean of a - b over the shared cases with its 95% t-interval."""
+    return {**mean_ci95([a[k] - b[k] for k in sorted(a)]), "cases": len(a)}
 
 
 def gflops_per_tile(model: Path, images: List[Path]) -> float:

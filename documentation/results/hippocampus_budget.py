@@ -8,8 +8,8 @@ again under nnUNet_results replaces its entry.
 
 Another seed (`nnScd_seed=N bash hippocampus_budget.sh ...` into its own nnUNet_results) is read with --seed N and
 kept in hippocampus_budget_fold0_seedN_cpu.json; every run then also writes hippocampus_budget_seeds_fold0_cpu.md
-and .json: for each pair trained at more than one seed, the difference per seed and the case-paired interval of
-the seed-averaged Dice.
+and .json: for each pair trained at more than one seed, the difference per seed with the t-interval of their mean
+over seeds (the seed noise), and the case-paired interval of the seed-averaged Dice (the case noise only).
 
     nnUNet_results=... nnUNet_raw=... nnUNet_preprocessed=... python documentation/results/hippocampus_budget.py \
         --out documentation/results [--seed N]
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the drivers are not in the package
-from hippocampus import LABELS, _per_case_dice, gflops_per_tile, paired_difference  # noqa: E402
+from hippocampus import LABELS, _per_case_dice, gflops_per_tile, mean_ci95, paired_difference  # noqa: E402
 from nnscd.checks.trainer_names import find_trainer  # noqa: E402
 from nnscd.core.paths import settle_environment  # noqa: E402
 
@@ -114,8 +114,8 @@ def seed_file(out: Path, seed: int) -> Path:
 
 def seed_pairs(by_seed: Dict[int, dict]) -> List[dict]:
     """Each (trainer, reference) pair, reference its dense twin or the U-Net, where the trainer ran at more than one
-    seed: the paired difference per seed (the reference of the same seed, else of seed 0: a fixed baseline) and the
-    case-paired interval of the seed-averaged per-case Dice."""
+    seed: the paired difference per seed (the reference of the same seed, else of seed 0: a fixed baseline), the
+    t-interval of their mean over seeds, and the case-paired interval of the seed-averaged per-case Dice."""
     pairs = []
     for name in sorted({n for records in by_seed.values() for n in records}):
         for reference in dict.fromkeys([TWINS.get(name), UNET]):
@@ -131,21 +131,24 @@ def seed_pairs(by_seed: Dict[int, dict]) -> List[dict]:
             theirs = [by_seed[s][reference]["per_case"] for s in reference_seeds]  # each reference run once
             average = [{case: float(np.mean([d[case] for d in dicts])) for case in dicts[0]} for dicts in (mine, theirs)]
             pairs.append({"trainer": name, "reference": reference, "reference_seeds": reference_seeds,
-                          "per_seed": per_seed, "seed_mean": round(float(np.mean(list(per_seed.values()))), 4),
+                          "per_seed": per_seed,
+                          "over_seeds_ci95": {k: round(v, 4) for k, v in mean_ci95(list(per_seed.values())).items()},
                           "seed_averaged_ci95": {k: round(v, 4) for k, v in paired_difference(*average).items()},
                           "mean_dice_per_seed": {s: by_seed[s][name]["mean_dice"] for s in seeds}})
     return pairs
 
 
 def seed_table(pairs: List[dict]) -> str:
-    lines = ["| trainer | against | reference seeds | Dice per seed | difference per seed | mean over seeds "
-             "| seed-averaged Dice, paired over cases [95% CI] |", "|" + "---|" * 7]
+    def interval(ci: dict) -> str:
+        return f"{ci['mean']:+.3f} [{ci['ci95_low']:+.3f}, {ci['ci95_high']:+.3f}]"
+
+    lines = ["| trainer | against | reference seeds | Dice per seed | difference per seed "
+             "| mean over seeds [95% CI over seeds] | seed-averaged Dice, paired over cases [95% CI] |", "|" + "---|" * 7]
     for p in pairs:
-        ci = p["seed_averaged_ci95"]
         lines.append(f"| {p['trainer']} | {p['reference']} | {', '.join(map(str, p['reference_seeds']))} "
                      f"| {', '.join(f'{s}: {d:.3f}' for s, d in p['mean_dice_per_seed'].items())} "
-                     f"| {', '.join(f'{s}: {d:+.3f}' for s, d in p['per_seed'].items())} | {p['seed_mean']:+.3f} "
-                     f"| {ci['mean']:+.3f} [{ci['ci95_low']:+.3f}, {ci['ci95_high']:+.3f}] |")
+                     f"| {', '.join(f'{s}: {d:+.3f}' for s, d in p['per_seed'].items())} "
+                     f"| {interval(p['over_seeds_ci95'])} | {interval(p['seed_averaged_ci95'])} |")
     return "\n".join(lines)
 
 

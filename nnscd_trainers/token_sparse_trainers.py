@@ -129,6 +129,12 @@ class STPMTATrainer_keep25(STPMTATrainer):
     config_changes = {"keep_ratios": (0.25, 0.25)}
 
 
+class STPMTATrainer_centered(STPMTATrainer):
+    """The soft top-K's gradient estimate with its control variate (`perturbed_centered`): the same expectation,
+    without the noise the published estimate sends through the scorers into the encoder."""
+    config_changes = {"estimator": "perturbed_centered"}
+
+
 class STPMTATrainer_keepwarmup(STPMTATrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 50% then 25% as STPMTATrainer."""
@@ -227,6 +233,10 @@ class STPMTATrainer_fgprior_budget(STPMTATrainer_fgprior):
 
 
 class STPMTATrainer_keep75_budget(STPMTATrainer_keep75):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_centered_budget(STPMTATrainer_centered):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

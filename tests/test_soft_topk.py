@@ -17,16 +17,18 @@ def normal_pdf(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
 
 
-def test_perturbed_topk_matches_closed_form_for_two_tokens_keep_one():
+@pytest.mark.parametrize("centered", [False, True])
+def test_perturbed_topk_matches_closed_form_for_two_tokens_keep_one(centered):
     """L=2, K=1 on RAW scores (PerturbedTopK does not standardise; with L=2 standardising would map every pair
     to (+1, -1)): y_1 = 1 iff s1 + sigma Z1 > s2 + sigma Z2, and Z2 - Z1 ~ N(0, 2), so
     E[y_1] = Phi((s1 - s2) / (sigma sqrt 2)) and dE[y_1]/ds1 = -dE[y_1]/ds2 = phi(.) / (sigma sqrt 2).
-    Tolerance: 5 Monte-Carlo standard errors (sqrt(p(1-p)/N) for the mean, 1/(sigma sqrt N) for the gradient)."""
+    Tolerance: 5 Monte-Carlo standard errors (sqrt(p(1-p)/N) for the mean, 1/(sigma sqrt N) for the gradient).
+    The centered estimate (control variate) must be unbiased too."""
     torch.manual_seed(0)
     sigma, n = 0.7, 200_000
     diffs = torch.tensor([-1.5, -0.4, 0.0, 0.3, 1.1])
     scores = torch.stack([diffs + 0.2, torch.full_like(diffs, 0.2)], dim=1).requires_grad_(True)  # (5, 2)
-    y = PerturbedTopK.apply(scores, 1, n, sigma)
+    y = PerturbedTopK.apply(scores, 1, n, sigma, centered)
     z = diffs / (sigma * math.sqrt(2))
     expected = normal_cdf(z)
     assert torch.allclose(y.sum(1), torch.ones(5))
@@ -38,6 +40,28 @@ def test_perturbed_topk_matches_closed_form_for_two_tokens_keep_one():
     grad_err = 5 / (sigma * math.sqrt(n))
     assert torch.all((scores.grad[:, 0] - slope).abs() <= grad_err), (scores.grad[:, 0], slope)
     assert torch.all((scores.grad[:, 1] + slope).abs() <= grad_err), (scores.grad[:, 1], -slope)
+
+
+def test_centered_estimate_drops_the_noise_of_the_gradient_common_to_kept_tokens():
+    """An upstream gradient shared by every token (g = 1) moves no expectation: sum_l E[y_l] = K always. The
+    published estimate still returns noise for it, the centered one returns 0 exactly; for a per-token gradient
+    both agree in expectation and the centered one scatters far less over draws."""
+    torch.manual_seed(6)
+    scores = standardise(torch.randn(1, 175)).requires_grad_(True)
+
+    def gradient(centered: bool, upstream: torch.Tensor) -> torch.Tensor:
+        scores.grad = None
+        (PerturbedTopK.apply(scores, 88, 128, 0.25, centered) * upstream).sum().backward()
+        return scores.grad.clone()
+
+    common = torch.ones(1, 175)
+    assert gradient(False, common).abs().mean() > 1
+    assert torch.allclose(gradient(True, common), torch.zeros(1, 175), atol=1e-4)
+    upstream = common + 0.3 * torch.randn(1, 175)
+    draws = {c: torch.stack([gradient(c, upstream) for _ in range(200)]) for c in (False, True)}
+    assert draws[True].std(0).mean() < draws[False].std(0).mean() / 20
+    spread = draws[False].std(0) / math.sqrt(200)  # the published estimate's standard error per token
+    assert ((draws[True].mean(0) - draws[False].mean(0)).abs() < 5 * spread).all()
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 10])
@@ -125,7 +149,7 @@ def test_training_keeps_the_clean_topk_set_and_scales_by_the_soft_indicator():
     assert not torch.allclose(ratio, torch.ones_like(ratio))
 
 
-@pytest.mark.parametrize("estimator", ["perturbed", "gumbel"])
+@pytest.mark.parametrize("estimator", ["perturbed", "perturbed_centered", "gumbel"])
 def test_scorers_learn_from_the_segmentation_loss(estimator):
     torch.manual_seed(5)
     config = TokenSparseConfig(dim=32, depth=4, heads=2, token_size=4, prune_after=(1, 2), keep_ratios=(0.5, 0.5),

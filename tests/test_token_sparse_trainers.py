@@ -1,6 +1,7 @@
 """STP+MTA trainers inside nnU-Net: network building from plans, schedule, keep statistics, end to end."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +41,8 @@ def test_variants_change_only_what_they_name():
     assert nnscd_trainers.STPMTATrainer_keep25.network_config([8, 8, 8]).keep_ratios == (0.25, 0.25)
     gumbel = nnscd_trainers.STPMTATrainer_gumbel.network_config([8, 8, 8])
     assert gumbel.estimator == "gumbel" and gumbel.keep_ratios == base.keep_ratios
+    centered = nnscd_trainers.STPMTATrainer_centered.network_config([8, 8, 8])
+    assert centered == replace(base, estimator="perturbed_centered")
     paper = nnscd_trainers.STPMTATrainer_paper.network_config([8, 8, 8])
     assert (paper.dim, paper.depth, paper.heads, paper.prune_after) == (768, 12, 12, (3, 6, 9))
 

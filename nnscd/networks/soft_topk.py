@@ -6,6 +6,12 @@ is differentiable, and its Jacobian has the unbiased Monte-Carlo estimate
 
     d E[y] / d s  ~  1 / (N sigma) * sum_n y(s + sigma Z_n) Z_n^T.
 
+That estimate is mostly noise: every sample's y holds K ones, so the part of the upstream gradient common to the
+kept tokens multiplies a fresh Z_n and reaches the scores (and through the scorer the encoder) as noise, at
+Hippocampus' K = 88 of 175 tokens about 100x the signal per token (documentation/trainers.md). Subtracting the
+sample mean of y, a control variate (E[Z] = 0), and dividing by N - 1 keeps the estimate unbiased and removes that
+part ("perturbed_centered"); "perturbed" stays the published estimator.
+
 STP standardises scores per sample before this, so that sigma means the same thing all through training;
 otherwise the scorer escapes the noise by inflating its scores. The Gumbel straight-through estimator (one
 noisy sample, sigmoid relaxation around the K-th value) is here for ablation against the published code.
@@ -13,7 +19,7 @@ noisy sample, sigmoid relaxation around the K-th value) is here for ablation aga
 import torch
 from torch import Tensor
 
-ESTIMATORS = ("perturbed", "gumbel")
+ESTIMATORS = ("perturbed", "perturbed_centered", "gumbel")
 
 
 def num_kept(live: int, keep: float, min_tokens: int) -> int:
@@ -40,23 +46,25 @@ def hard_topk_indicator(scores: Tensor, k: int) -> Tensor:
 
 class PerturbedTopK(torch.autograd.Function):
     """Mean of the hard top-K indicator over N Gaussian perturbations of the scores, with the perturbed-optimiser
-    gradient. Works on the scores as given (no standardisation), so the closed forms of E[y] apply to them."""
+    gradient (`centered`: minus the samples' mean indicator, the control variate above). Works on the scores as
+    given (no standardisation), so the closed forms of E[y] apply to them."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, k: int, num_samples: int, sigma: float) -> Tensor:
+    def forward(ctx, scores: Tensor, k: int, num_samples: int, sigma: float, centered: bool = False) -> Tensor:
         noise = torch.randn(scores.shape[0], num_samples, scores.shape[1], device=scores.device, dtype=scores.dtype)
         y = hard_topk_indicator(scores.unsqueeze(1) + sigma * noise, k)  # (B, N, L)
-        ctx.save_for_backward(y, noise)
-        ctx.sigma = sigma
-        return y.mean(dim=1)  # (B, L)
+        mean = y.mean(dim=1)  # (B, L)
+        ctx.save_for_backward(y - mean.unsqueeze(1) if centered else y, noise)
+        ctx.sigma, ctx.divisor = sigma, num_samples - 1 if centered else num_samples
+        return mean
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         y, noise = ctx.saved_tensors
         # grad_s = J^T g with J = 1/(N sigma) sum_n y_n Z_n^T, so grad_s = 1/(N sigma) sum_n <g, y_n> Z_n
         weight = (y * grad_output.unsqueeze(1)).sum(dim=2, keepdim=True)  # (B, N, 1)
-        grad_scores = (weight * noise).sum(dim=1) / (noise.shape[1] * ctx.sigma)
-        return grad_scores, None, None, None
+        grad_scores = (weight * noise).sum(dim=1) / (ctx.divisor * ctx.sigma)
+        return grad_scores, None, None, None, None
 
 
 def gumbel_topk_straight_through(scores: Tensor, k: int, tau: float) -> Tensor:
@@ -74,8 +82,8 @@ def gumbel_topk_straight_through(scores: Tensor, k: int, tau: float) -> Tensor:
 def soft_topk(scores: Tensor, k: int, sigma: float, num_samples: int, estimator: str = "perturbed") -> Tensor:
     """Soft top-K indicator of (already standardised) scores (B, L) -> (B, L), computed in fp32."""
     scores = scores.float()
-    if estimator == "perturbed":
-        return PerturbedTopK.apply(scores, k, num_samples, sigma)
+    if estimator in ("perturbed", "perturbed_centered"):
+        return PerturbedTopK.apply(scores, k, num_samples, sigma, estimator == "perturbed_centered")
     if estimator == "gumbel":
         return gumbel_topk_straight_through(scores, k, tau=sigma)
     raise ValueError(f"unknown soft top-K estimator {estimator!r}; choose one of {ESTIMATORS}")

@@ -51,7 +51,7 @@ class TokenSparseConfig:
     min_tokens: int = 4
     sigma: float = 0.25  # noise width of the soft top-K in standardised-score units (gumbel: its temperature)
     num_samples: int = 128  # noisy copies per soft top-K
-    estimator: str = "perturbed"  # or "gumbel" (single-sample straight-through, for ablation)
+    estimator: str = "perturbed"  # "perturbed_centered" (its control variate), "gumbel" (the published code's)
     scorer_hidden: int = 0  # 0: dim // 4
     mta_dim: int = 96
     mta_depth: int = 1

@@ -6,11 +6,11 @@ is differentiable, and its Jacobian has the unbiased Monte-Carlo estimate
 
     d E[y] / d s  ~  1 / (N sigma) * sum_n y(s + sigma Z_n) Z_n^T.
 
-That estimate is mostly noise: every sample's y holds K ones, so the part of the upstream gradient common to the
-kept tokens multiplies a fresh Z_n and reaches the scores (and through the scorer the encoder) as noise, at
-Hippocampus' K = 88 of 175 tokens about 100x the signal per token (documentation/trainers.md). Subtracting the
-sample mean of y, a control variate (E[Z] = 0), and dividing by N - 1 keeps the estimate unbiased and removes that
-part ("perturbed_centered"); "perturbed" stays the published estimator.
+Every sample's y holds K ones, so the part of the upstream gradient common to the kept tokens multiplies a fresh
+Z_n and reaches the scores, and through the scorer the encoder, as pure noise. Subtracting the samples' mean y (a
+control variate: E[Z] = 0) and dividing by N - 1 keeps the estimate unbiased and removes that part
+("perturbed_centered"; "perturbed" stays the published estimator). In STPMTATrainer's network on Hippocampus it
+halves the noise STP adds to the patch embedding's gradient (documentation/results/stp_gradient_noise_cpu.json).
 
 STP standardises scores per sample before this, so that sigma means the same thing all through training;
 otherwise the scorer escapes the noise by inflating its scores. The Gumbel straight-through estimator (one

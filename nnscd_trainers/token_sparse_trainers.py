@@ -124,6 +124,13 @@ class STPMTATrainer_keep75(STPMTATrainer):
     config_changes = {"keep_ratios": (0.75, 0.75)}
 
 
+class STPMTATrainer_keep1(STPMTATrainer):
+    """The control against UNETRTrainer: STPMTATrainer's network (scorers, token assembly, MTA) with every token
+    kept. The centered estimate gives the scorers exactly zero gradient at keep 1, so this trains what the sparse
+    architecture costs without any pruning."""
+    config_changes = {"keep_ratios": (1.0, 1.0), "estimator": "perturbed_centered"}
+
+
 class STPMTATrainer_keep25(STPMTATrainer):
     """Harder pruning: 25% then 6% of the tokens stay live."""
     config_changes = {"keep_ratios": (0.25, 0.25)}
@@ -237,6 +244,10 @@ class STPMTATrainer_keep75_budget(STPMTATrainer_keep75):
 
 
 class STPMTATrainer_centered_budget(STPMTATrainer_centered):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_keep1_budget(STPMTATrainer_keep1):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

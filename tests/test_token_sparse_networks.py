@@ -213,6 +213,24 @@ def test_straight_through_trains_on_inference_features_and_still_teaches_the_sco
     assert all(stage.scorer.head[-1].weight.grad.abs().sum() > 0 for stage in net.encoder.stages)
 
 
+def test_keep_one_control_trains_every_token_through_the_sparse_architecture():
+    """STPMTATrainer_keep1, the control against UNETRTrainer: no token is pruned or scaled in training, the scorers
+    get exactly zero gradient (the published estimate would hand them noise), MTA still assembles the deepest tap."""
+    from nnscd_trainers.token_sparse_trainers import STPMTATrainer_keep1
+
+    torch.manual_seed(5)
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(TINY, **STPMTATrainer_keep1.config_changes))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        inference = net.eval()(x)
+    training = net.train()(x)
+    assert [k.shape[1] for k in net.last_keep_indices] == [64, 64]  # the 4^3 grid, whole after both stages
+    assert torch.allclose(training, inference, atol=1e-5)
+    training.square().mean().backward()
+    assert all(not p.grad.any() for stage in net.encoder.stages for p in stage.scorer.parameters())
+    assert any(p.grad.any() for p in net.mta.blocks.parameters())
+
+
 def test_patch_not_divisible_by_token_size_raises_a_clear_error():
     with pytest.raises(ValueError) as error:
         TokenSparseSegmenter(1, 2, (32, 32, 30), replace(TINY, token_size=8))

@@ -145,7 +145,8 @@ def seed_table(pairs: List[dict]) -> str:
         return f"{ci['mean']:+.3f} [{ci['ci95_low']:+.3f}, {ci['ci95_high']:+.3f}]"
 
     lines = ["| trainer | against | reference seeds | Dice per seed | difference per seed "
-             "| mean over seeds [95% CI over seeds] | seed-averaged Dice, paired over cases [95% CI] |", "|" + "---|" * 7]
+             "| mean over seeds [95% CI over seeds] | seed-averaged Dice, paired over cases [95% CI] |",
+             "|" + "---|" * 7]
     for p in pairs:
         lines.append(f"| {p['trainer']} | {p['reference']} | {', '.join(map(str, p['reference_seeds']))} "
                      f"| {', '.join(f'{s}: {d:.3f}' for s, d in p['mean_dice_per_seed'].items())} "

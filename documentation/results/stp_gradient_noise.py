@@ -5,8 +5,8 @@ batch of real training cases R times in training mode; only the soft top-K's Gau
 the R backward passes (the network has no dropout or drop path), so whatever varies is the estimator's noise. For
 each estimator and each STP stage it reports the noise-to-signal ratio of the gradient at the scorer's raw scores
 (RMS over elements of the standard deviation over the R draws / RMS of the expected gradient), and the same for the
-patch embedding's weights, the first layer every gradient from the scorers reaches. Loss: nnU-Net's Dice + CE. Weights: at init
-(seed 0) and, with --checkpoint, a trained STPMTATrainer fold.
+patch embedding's weights, the first layer every gradient from the scorers reaches. Loss: nnU-Net's Dice + CE.
+Weights: at init (seed 0) and, with --checkpoint, a trained STPMTATrainer fold.
 
     python documentation/results/stp_gradient_noise.py --images ../shared/data/Task04_Hippocampus/imagesTr \
         --labels ../shared/data/Task04_Hippocampus/labelsTr [--checkpoint FOLD/checkpoint_final.pth] \
@@ -22,6 +22,7 @@ from typing import Dict, List
 import numpy as np
 import SimpleITK as sitk
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from tqdm import tqdm
@@ -34,16 +35,8 @@ PATCH, TOKEN = (40, 56, 40), (8, 8, 8)
 
 def centre_to_patch(volume: np.ndarray) -> np.ndarray:
     """Crop or zero-pad every axis symmetrically to PATCH (Hippocampus crops are about 35 x 50 x 35)."""
-    out = np.zeros(PATCH, dtype=volume.dtype)
-    src, dst = [], []
-    for size, target in zip(volume.shape, PATCH):
-        start = max(0, (size - target) // 2)
-        offset = max(0, (target - size) // 2)
-        n = min(size, target)
-        src.append(slice(start, start + n))
-        dst.append(slice(offset, offset + n))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
+    starts = [int((size - target) / 2) for size, target in zip(volume.shape, PATCH)]  # < 0: pad before
+    return crop_and_pad_nd(volume, [[start, start + target] for start, target in zip(starts, PATCH)])
 
 
 def load_batch(images: Path, labels: Path, cases: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +94,16 @@ def main() -> None:
     results = {"command": "python " + " ".join(sys.argv), "patch": PATCH, "token": TOKEN, "cases": args.cases,
                "repeats": args.repeats, "measure": "RMS of the per-draw std / RMS of the expected gradient",
                "weights": {}}
-    for weights in ["init"] + (["trained"] if args.checkpoint else []):
+    trained = (torch.load(args.checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+               if args.checkpoint else None)
+    for weights in ["init"] + (["trained"] if trained else []):
         results["weights"][weights] = {}
         for estimator in ("perturbed", "perturbed_centered"):
             torch.manual_seed(0)
             config = dataclasses.replace(STPMTATrainer.network_config(list(TOKEN)), estimator=estimator)
             network = TokenSparseSegmenter(1, 3, PATCH, config)
             if weights == "trained":
-                network.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-                                        ["network_weights"])
+                network.load_state_dict(trained)
             results["weights"][weights][estimator] = measure(network, x, y, args.repeats)
             print(weights, estimator, results["weights"][weights][estimator])
     if args.checkpoint:

@@ -61,7 +61,7 @@ class TokenSparseConfig:
     stem: str = "linear"  # one conv, kernel = stride = token; "conv": PrimusV3's residual conv stem (3D, token 8)
     decoder_init: str = "torch"  # "he": Primus' init of its decoder (He normal, a = 1e-2, zero biases)
     layer_scale: float = 0.0  # > 0: LayerScale on the encoder blocks' residual branches, initialised to it
-    straight_through: bool = False  # True: training scales no features (as inference); only gradients see the indicators
+    straight_through: bool = False  # True: training scales no features (as inference); gradients see the indicators
 
     def __post_init__(self):
         if self.dim % self.heads or self.mta_dim % self.mta_heads:

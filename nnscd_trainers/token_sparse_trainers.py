@@ -131,6 +131,18 @@ class STPMTATrainer_keep1(STPMTATrainer):
     config_changes = {"keep_ratios": (1.0, 1.0), "estimator": "perturbed_centered"}
 
 
+class STPMTATrainer_infill(STPMTATrainer):
+    """The decoder gets what the dense twin's gets, completed: each position's raw features from the deepest block
+    it reached, the deepest map normalised, plus MTA's correction (zero at init); no per-source assemblies. At keep
+    1 it is UNETRTrainer's network, and a UNETRTrainer fold warm-starts it (`-pretrained_weights`)."""
+    config_changes = {"assembly": "infill"}
+
+
+class STPMTATrainer_infill_keep1(STPMTATrainer_infill):
+    """STPMTATrainer_keep1's control for the infill network: every token kept, scorers idle (centered estimate)."""
+    config_changes = {**STPMTATrainer_infill.config_changes, **STPMTATrainer_keep1.config_changes}
+
+
 class STPMTATrainer_keep25(STPMTATrainer):
     """Harder pruning: 25% then 6% of the tokens stay live."""
     config_changes = {"keep_ratios": (0.25, 0.25)}
@@ -248,6 +260,14 @@ class STPMTATrainer_centered_budget(STPMTATrainer_centered):
 
 
 class STPMTATrainer_keep1_budget(STPMTATrainer_keep1):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_infill_budget(STPMTATrainer_infill):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_infill_keep1_budget(STPMTATrainer_infill_keep1):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

@@ -39,13 +39,14 @@ def test_measured_flops_fall_with_keep_ratio_exactly_as_modelled(decoder):
     assert flops[0] > flops[1] > flops[2]
 
 
+@pytest.mark.parametrize("assembly", ["projected", "infill"])
 @pytest.mark.parametrize("decoder", ["unetr", "light"])
-def test_keep_one_costs_the_dense_twin_plus_only_the_stp_mta_overhead(decoder):
+def test_keep_one_costs_the_dense_twin_plus_only_the_stp_mta_overhead(decoder, assembly):
     """At keep 1.0 encoder and decoder FLOPs equal the dense twin's; the difference is exactly the modelled
     scorers, skip assemblies and MTA."""
     torch.manual_seed(0)
     x = torch.randn(1, 2, 16, 16, 16)
-    sparse = replace(TINY, decoder=decoder, keep_ratios=(1.0, 1.0))
+    sparse = replace(TINY, decoder=decoder, keep_ratios=(1.0, 1.0), assembly=assembly)
     dense = replace(sparse, prune_after=(), keep_ratios=())
     parts = token_sparse_flop_breakdown(sparse, 2, 3, (16, 16, 16))
     overhead = parts["scorers"] + parts["skip_assemblies"] + parts["mta"]
@@ -293,3 +294,52 @@ def test_layer_scale_scales_each_residual_branch_from_its_init():
     net = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(CONFIGS["vit-light"], layer_scale=0.1, depth=2,
                                                            dim=24, heads=2, token_size=8))
     assert all(b.ls1.gamma.eq(0.1).all() for b in net.encoder.blocks)  # the ViT init leaves LayerScale alone
+
+
+def test_infill_network_at_keep_one_is_the_dense_twin_and_warm_starts_from_its_checkpoint(tmp_path, capsys):
+    """assembly="infill" holds every module of UNETR under the same name: a dense checkpoint loads with only the
+    scorers and MTA fresh, and at keep 1 the network then computes the dense output, in training as at inference."""
+    from nnscd.core.pretrained_weights import load_pretrained_weights
+
+    torch.manual_seed(6)
+    dense = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(TINY, prune_after=(), keep_ratios=()))
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": dense.state_dict()}, checkpoint)
+    config = replace(TINY, keep_ratios=(1.0, 1.0), assembly="infill", estimator="perturbed_centered")
+    net = TokenSparseSegmenter(1, 2, (16, 16, 16), config)
+    load_pretrained_weights(net, str(checkpoint))
+    assert "starting fresh: encoder.stages, mta" in capsys.readouterr().out
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), dense.eval()(x), atol=1e-5)
+        assert torch.allclose(net.train()(x), dense.train()(x), atol=1e-5)
+    projected = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(config, assembly="projected"))
+    assert not getattr(projected, "fresh_modules", ())  # its assemblies replace the dense norm: no warm start
+
+
+def test_infill_decodes_each_position_from_the_deepest_block_it_reached_and_mta_corrects_it():
+    """Pruned positions keep their stage features in every later tap, unnormalised in the skips and through the dense
+    twin's final norm in the deepest map; MTA's correction starts at zero and is the first thing to learn."""
+    torch.manual_seed(7)
+    config = replace(TINY, token_size=8, depth=6, prune_after=(1, 3), decoder_features=4, assembly="infill")
+    net = TokenSparseSegmenter(1, 2, (16, 32, 32), config).eval()
+    assert net.taps == (2, 4, 6) and len(net.skip_assemblies) == 0
+    seen = {}
+    for s, stage in enumerate(net.encoder.stages):
+        stage.register_forward_hook(lambda m, args, out, s=s: seen.update({f"pruned{s}": out[1], f"kept{s}": out[0]}))
+    for number in (2, 4, 6):
+        net.encoder.blocks[number - 1].register_forward_hook(lambda m, args, out, n=number: seen.update({n: out}))
+    net.decoder.register_forward_hook(lambda m, args, out: seen.update(maps=args[1]))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 16, 32, 32))
+    maps = [m.flatten(2).transpose(1, 2)[0] for m in seen["maps"]]  # (L, D) each
+    pruned0, pruned1 = seen["pruned0"], seen["pruned1"]
+    assert torch.equal(maps[0][pruned0.positions[0]], pruned0.features[0])  # tap 2: stage-1 features
+    live2 = seen["kept0"].positions[0]
+    assert torch.equal(maps[0][live2], seen[2][0])  # and block 2's for the tokens still live
+    assert torch.equal(maps[1][pruned0.positions[0]], pruned0.features[0])
+    deepest = torch.cat([pruned0.features, pruned1.features, seen[6]], dim=1)[0]
+    positions = torch.cat([pruned0.positions, pruned1.positions, seen["kept1"].positions], dim=1)[0]
+    assert torch.allclose(maps[2][positions], net.norm(deepest), atol=1e-6)  # MTA adds zero at init
+    net.train()(torch.randn(2, 1, 16, 32, 32)).square().mean().backward()
+    assert net.mta.proj.weight.grad.abs().sum() > 0

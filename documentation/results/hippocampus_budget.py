@@ -46,6 +46,8 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTATrainer_keep75_budget": "UNETRTrainer_budget",
     "STPMTATrainer_centered_budget": "UNETRTrainer_budget",
     "STPMTATrainer_keep1_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_infill_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_infill_keep1_budget": "UNETRTrainer_budget",
     "STPMTATrainer_keepwarmup_budget": "UNETRTrainer_budget",
     "STPMTATrainer_straightthrough_budget": "UNETRTrainer_budget",
     "STPMTATrainer_lr2en3_budget": "UNETRTrainer_lr2en3_budget",

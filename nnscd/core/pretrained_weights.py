@@ -1,9 +1,9 @@
 """Warm starts across a dense network and its token-sparse twin: nnU-Net's `-pretrained_weights`, plus new modules.
 
 nnunetv2's `load_pretrained_weights` demands every weight of the network (but segmentation layers) in the
-checkpoint. A `TokenSparsePrimus` warm-started from a dense Primus fold holds all of Primus' modules and adds
-scorers and MTA, which it names in `fresh_modules`; this loader lets exactly those start fresh and says so. Any
-other network goes to nnU-Net's loader unchanged. nnScd_train installs it for the run (nnscd.cli.nnunet_commands).
+checkpoint. A `TokenSparsePrimus` warm-started from a dense Primus fold (or an "infill" `TokenSparseSegmenter` from
+a UNETR fold) holds all of the dense network's modules and adds scorers and MTA, which it names in `fresh_modules`; this loader
+lets exactly those start fresh and says so. Any other network goes to nnU-Net's loader unchanged. nnScd_train installs it for the run (nnscd.cli.nnunet_commands).
 """
 from typing import Sequence
 
@@ -31,8 +31,8 @@ def load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = Fals
             + (f"{len(reshaped)} have another shape (first: {reshaped[0]} {tuple(pretrained[reshaped[0]].shape)} "
                f"vs {tuple(own[reshaped[0]].shape)}); " if reshaped else "")
             + "pass a checkpoint of the dense twin trained with the same plans, configuration and dataset "
-              "(e.g. nnUNet_PrimusV3S_Trainer for STPMTAPrimusV3STrainer)")
+              "(e.g. nnUNet_PrimusV3S_Trainer for STPMTAPrimusV3STrainer, UNETRTrainer for STPMTATrainer_infill)")
     loaded = {k: v for k, v in pretrained.items() if k in own}
     module.load_state_dict({**own, **loaded})
-    starting = sorted({k.split(".")[0] for k in own if k not in loaded})
+    starting = sorted(p.rstrip(".") for p in fresh if any(k.startswith(p) and k not in loaded for k in own))
     print(f"Loaded {len(loaded)} of {len(own)} tensors from {fname}; starting fresh: {', '.join(starting) or 'none'}")

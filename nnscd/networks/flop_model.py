@@ -93,7 +93,7 @@ def token_sparse_flop_breakdown(config: TokenSparseConfig, in_channels: int, num
     if config.decoder == "unetr":
         taps = tap_blocks(config.depth, len(strides))
         parts["skip_assemblies"] = sum(linear_flops(B * L, D, D) for t in taps[:-1]
-                                       if any(p < t for p in config.prune_after))
+                                       if any(p < t for p in config.prune_after) and config.assembly == "projected")
         parts["decoder"] = unetr_decoder_flops(B, in_channels, num_classes, D, grid, strides, config.decoder_features)
     else:
         parts["decoder"] = light_decoder_flops(B, num_classes, D, grid, strides)

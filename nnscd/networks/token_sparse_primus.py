@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from nnscd.networks.layers import gather_tokens, scatter_tokens
 from nnscd.networks.soft_topk import ESTIMATORS
-from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet
+from nnscd.networks.token_sparse_vit import SoftTopKPruning, TokenAssembly, TokenSet, merge_token_sets
 
 PRIMUS_TOKEN = (8, 8, 8)  # nnunetv2's Primus trainers use 8^3 tokens
 # Primus' sizes (the table PrimusV3X itself reads), and nnscd's light one: the small ViT's width and depth, a size
@@ -166,13 +166,6 @@ class PrimusTokenCompletion(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. the network
 # ---------------------------------------------------------------------------------------------------------------
-
-def merge_token_sets(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
-    """Token sets whose positions partition 0..L-1 -> one (B, L, D) sequence in spatial order."""
-    x = torch.cat([s.features for s in sources], dim=1)
-    positions = torch.cat([s.positions for s in sources], dim=1)
-    return scatter_tokens(x.new_zeros(x.shape[0], num_tokens, x.shape[2]), positions, x)
-
 
 class TokenSparsePrimus(PrimusV3):
     """nnU-Net's PrimusV3 of `config.size` (built as PrimusV3X builds it) with STP stages between its Eva blocks

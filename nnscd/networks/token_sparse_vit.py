@@ -26,6 +26,7 @@ from nnscd.networks.soft_topk import ESTIMATORS, num_kept, soft_topk, standardis
 DECODERS = ("unetr", "light")
 STEMS = ("linear", "conv")
 DECODER_INITS = ("torch", "he")
+ASSEMBLIES = ("projected", "infill")
 CONV_STEM_CHANNELS = (16, 32, 64, 128)  # PrimusV3's stem shape (3 stride-2 residual levels), narrower
 
 
@@ -62,6 +63,10 @@ class TokenSparseConfig:
     decoder_init: str = "torch"  # "he": Primus' init of its decoder (He normal, a = 1e-2, zero biases)
     layer_scale: float = 0.0  # > 0: LayerScale on the encoder blocks' residual branches, initialised to it
     straight_through: bool = False  # True: training scales no features (as inference); gradients see the indicators
+    # "projected": each skip level assembled by per-source norm + linear, the deepest map is MTA's output (the
+    # paper's). "infill": every map puts each position's raw features from the deepest block it reached, the deepest
+    # one normalised as the dense twin's, plus MTA's correction (zero at init): at keep 1 the dense twin exactly.
+    assembly: str = "projected"
 
     def __post_init__(self):
         if self.dim % self.heads or self.mta_dim % self.mta_heads:
@@ -77,8 +82,9 @@ class TokenSparseConfig:
             raise ValueError(f"keep ratios must lie in (0, 1], got {self.keep_ratios}")
         if self.estimator not in ESTIMATORS or self.decoder not in DECODERS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} and decoder one of {DECODERS}")
-        if self.stem not in STEMS or self.decoder_init not in DECODER_INITS:
-            raise ValueError(f"stem must be one of {STEMS} and decoder_init one of {DECODER_INITS}")
+        if self.stem not in STEMS or self.decoder_init not in DECODER_INITS or self.assembly not in ASSEMBLIES:
+            raise ValueError(f"stem must be one of {STEMS}, decoder_init one of {DECODER_INITS} and assembly one of "
+                             f"{ASSEMBLIES}")
 
     @property
     def sparse(self) -> bool:
@@ -315,6 +321,14 @@ class TokenSparseEncoder(nn.Module):
 # 4. MTA: multi-layer token assembly
 # ---------------------------------------------------------------------------------------------------------------
 
+def merge_token_sets(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
+    """Token sets whose positions partition 0..L-1 -> one (B, L, D) sequence in spatial order: the infill, where
+    each position carries the features of the deepest block it reached."""
+    x = torch.cat([s.features for s in sources], dim=1)
+    positions = torch.cat([s.positions for s in sources], dim=1)
+    return scatter_tokens(x.new_zeros(x.shape[0], num_tokens, x.shape[2]), positions, x)
+
+
 class TokenAssembly(nn.Module):
     """Token sets from different depths -> one full, spatially ordered sequence. Each source has its own
     norm + linear (features of different depths live on different scales) and a learned source embedding."""
@@ -327,10 +341,9 @@ class TokenAssembly(nn.Module):
         nn.init.trunc_normal_(self.source_embed, std=0.02)
 
     def forward(self, sources: Sequence[TokenSet], num_tokens: int) -> Tensor:  # -> (B, L, dim_out)
-        feats = [proj(norm(s.features)) for norm, proj, s in zip(self.norms, self.projs, sources)]
-        x = torch.cat([f + e.to(f.dtype) for f, e in zip(feats, self.source_embed)], dim=1)  # (B, L, W)
-        positions = torch.cat([s.positions for s in sources], dim=1)  # (B, L), a permutation of 0..L-1
-        return scatter_tokens(x.new_zeros(x.shape[0], num_tokens, x.shape[2]), positions, x)
+        projected = [s._replace(features=proj(norm(s.features)) + e.to(s.features.dtype))
+                     for norm, proj, e, s in zip(self.norms, self.projs, self.source_embed, sources)]
+        return merge_token_sets(projected, num_tokens)
 
 
 class MultiLayerTokenAssembly(nn.Module):
@@ -429,11 +442,16 @@ def init_transformer_weights(module: nn.Module) -> None:
 class TokenSparseSegmenter(nn.Module):
     """STP + MTA segmentation network (SCD), or its dense twin when `config.prune_after` is empty.
 
-    Sparse: ViT with STP stages -> per-tap assembly (UNETR skips: norm + linear + scatter, one per tap, so each
-    skip level sees its own depth; the deepest tap: MTA with attention) -> decoder.
+    Sparse, assembly "projected": ViT with STP stages -> per-tap assembly (UNETR skips: norm + linear + scatter,
+    one per tap, so each skip level sees its own depth; the deepest tap: MTA with attention) -> decoder.
+    Sparse, assembly "infill": every tap's tokens scattered back raw (pruned positions keep the features of the block
+    they were pruned after), the deepest map normalised, plus MTA's output as a correction that starts at zero.
     Dense: the same ViT, raw block outputs to the decoder (UNETR) and a final norm on the deepest one.
     After each forward, `last_keep_indices[s]` holds the kept token positions (B, K_s) of stage s, indices into
     the token grid flattened in C order.
+
+    An "infill" network holds every module of its dense twin under the same name: a dense checkpoint loads with
+    only `fresh_modules` (scorers, MTA) new, and at keep 1 the warm-started network computes the dense output.
     """
 
     def __init__(self, in_channels: int, num_classes: int, patch_size: Sequence[int],
@@ -451,11 +469,13 @@ class TokenSparseSegmenter(nn.Module):
         def sources_at(tap: int) -> int:
             return 1 + sum(p < tap for p in config.prune_after)
 
+        self.infill = config.assembly == "infill"
+        self.fresh_modules = ("encoder.stages.", "mta.") if self.infill and config.sparse else ()
         self.skip_assemblies = nn.ModuleDict({str(t): TokenAssembly(sources_at(t), config.dim, config.dim)
-                                              for t in self.taps[:-1] if sources_at(t) > 1})
+                                              for t in self.taps[:-1] if sources_at(t) > 1 and not self.infill})
         if config.sparse:
             self.mta = MultiLayerTokenAssembly(sources_at(config.depth), config, self.grid)
-        else:
+        if self.infill or not config.sparse:
             self.norm = nn.LayerNorm(config.dim)
         if config.decoder == "unetr":
             self.decoder = UNETRDecoder(in_channels, num_classes, config.dim, strides, config.decoder_features)
@@ -465,6 +485,9 @@ class TokenSparseSegmenter(nn.Module):
         if config.decoder_init == "he":  # larger than torch's default: the light decoder escapes "all background"
             from dynamic_network_architectures.initialization.weight_init import InitWeights_He
             self.decoder.apply(InitWeights_He(1e-2))
+        if self.infill and config.sparse:  # MTA corrects the infill: zero at first, the dense twin's decoder input
+            nn.init.zeros_(self.mta.proj.weight)
+            nn.init.zeros_(self.mta.proj.bias)
         self.last_keep_indices: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, *patch) -> (B, num_classes, *patch)
@@ -475,8 +498,14 @@ class TokenSparseSegmenter(nn.Module):
         self.last_keep_indices = [p.detach() for p in kept_positions]
 
         L = tokens.shape[1]
-        sequences = [self.skip_assemblies[str(t)](sources, L) if len(sources) > 1 else sources[0].features
+        sequences = [sources[0].features if len(sources) == 1  # no pruning yet: positions in spatial order
+                     else merge_token_sets(sources, L) if self.infill else self.skip_assemblies[str(t)](sources, L)
                      for t, sources in zip(self.taps[:-1], taps[:-1])]
-        sequences.append(self.mta(taps[-1], grid) if self.config.sparse else self.norm(taps[-1][0].features))
+        if not self.config.sparse:
+            sequences.append(self.norm(taps[-1][0].features))
+        elif self.infill:
+            sequences.append(self.norm(merge_token_sets(taps[-1], L)) + self.mta(taps[-1], grid))
+        else:
+            sequences.append(self.mta(taps[-1], grid))
         maps = [s.transpose(1, 2).reshape(x.shape[0], -1, *grid) for s in sequences]  # (B, D, *grid) each
         return self.decoder(x, maps)

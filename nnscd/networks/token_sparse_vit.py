@@ -12,7 +12,7 @@ Shapes: B batch, L tokens (all of them), K live tokens after a pruning stage, D 
 Nothing here imports nnU-Net; a network takes (B, C, *patch) and returns (B, num_classes, *patch) logits.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -452,11 +452,14 @@ class TokenSparseSegmenter(nn.Module):
 
     An "infill" network holds every module of its dense twin under the same name: a dense checkpoint loads with
     only `fresh_modules` (scorers, MTA) new, and at keep 1 the warm-started network computes the dense output.
+    Those modules also start with the dense twin's weights for the same seed (they are copied from a twin built
+    from the same random state), so twins trained at one seed differ only in what pruning and MTA do.
     """
 
     def __init__(self, in_channels: int, num_classes: int, patch_size: Sequence[int],
                  config: TokenSparseConfig = TokenSparseConfig()):
         super().__init__()
+        random_state = torch.get_rng_state()
         self.config = config
         self.token_size = token_sizes(config.token_size, len(patch_size))
         self.grid = token_grid(patch_size, self.token_size)
@@ -488,6 +491,11 @@ class TokenSparseSegmenter(nn.Module):
         if self.infill and config.sparse:  # MTA corrects the infill: zero at first, the dense twin's decoder input
             nn.init.zeros_(self.mta.proj.weight)
             nn.init.zeros_(self.mta.proj.bias)
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(random_state)
+                twin = TokenSparseSegmenter(in_channels, num_classes, patch_size,
+                                            replace(config, prune_after=(), keep_ratios=()))
+            self.load_state_dict(twin.state_dict(), strict=False)
         self.last_keep_indices: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, *patch) -> (B, num_classes, *patch)

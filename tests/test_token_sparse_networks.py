@@ -343,3 +343,15 @@ def test_infill_decodes_each_position_from_the_deepest_block_it_reached_and_mta_
     assert torch.allclose(maps[2][positions], net.norm(deepest), atol=1e-6)  # MTA adds zero at init
     net.train()(torch.randn(2, 1, 16, 32, 32)).square().mean().backward()
     assert net.mta.proj.weight.grad.abs().sum() > 0
+
+
+def test_infill_network_starts_from_its_dense_twins_weights_for_the_same_seed():
+    """Built after the same manual_seed, every module the dense twin has holds the twin's initial weights (the new
+    ones draw their own), so seed-paired runs of the twins differ only in what pruning and MTA do."""
+    config = replace(TINY, assembly="infill")
+    torch.manual_seed(8)
+    dense = TokenSparseSegmenter(1, 2, (16, 16, 16), replace(config, prune_after=(), keep_ratios=()))
+    torch.manual_seed(8)
+    sparse = TokenSparseSegmenter(1, 2, (16, 16, 16), config).state_dict()
+    assert all(torch.equal(weight, sparse[name]) for name, weight in dense.state_dict().items())
+    assert len(sparse) > len(dense.state_dict())

@@ -11,8 +11,11 @@ kept in hippocampus_budget_fold0_seedN_cpu.json; every run then also writes hipp
 and .json: for each pair trained at more than one seed, the difference per seed with the t-interval of their mean
 over seeds (the seed noise), and the case-paired interval of the seed-averaged Dice (the case noise only).
 
+--tag T files the runs under hippocampus_budget_fold0_seedN_T_cpu.json instead, out of the seed tables, compared
+with the seed's committed runs (runs of an earlier version of a trainer, say, kept beside today's).
+
     nnUNet_results=... nnUNet_raw=... nnUNet_preprocessed=... python documentation/results/hippocampus_budget.py \
-        --out documentation/results [--seed N]
+        --out documentation/results [--seed N] [--tag T]
 """
 import argparse
 import json
@@ -92,14 +95,17 @@ def record(model: Path) -> dict:
     }
 
 
-def table(records: dict) -> str:
+def table(records: dict, references: Dict[str, dict] = {}) -> str:
+    """`references`: further runs of the same seed that the rows are compared with (records win on a name)."""
     lines = ["| trainer | Dice Anterior | Dice Posterior | mean | vs nnU-Net U-Net [95% CI] | vs dense twin [95% CI] "
              "| iterations x batch | train wall s | GFLOPs / tile |", "|" + "---|" * 9]
 
+    known = {**references, **records}
+
     def versus(name: str, other: str) -> str:
-        if other not in records or other == name:
+        if other not in known or other == name:
             return ""
-        d = paired_difference(records[name]["per_case"], records[other]["per_case"])
+        d = paired_difference(records[name]["per_case"], known[other]["per_case"])
         return f"{d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]"
 
     for name, r in records.items():
@@ -161,12 +167,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0, help="the nnScd_seed the runs under nnUNet_results used")
+    parser.add_argument("--tag", help="file the runs apart from the seed tables, e.g. runs of an earlier version")
     args = parser.parse_args()
     settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
     models = sorted(m for view in ("budget", "equalcompute") for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
     out = Path(args.out)
     committed = seed_file(out, args.seed)  # runs of earlier sessions, whose models are gone
+    references = {}
+    if args.tag:
+        references = json.loads(committed.read_text()) if committed.is_file() else {}
+        committed = out / f"hippocampus_budget_fold0_seed{args.seed}_{args.tag}_cpu.json"
     records = json.loads(committed.read_text()) if committed.is_file() else {}
     models = [m for m in models if (m / "fold_0" / "validation" / "summary.json").is_file()]
     for m in models:
@@ -174,6 +185,10 @@ def main() -> None:
     records.update({m.name.split("__")[0]: record(m) for m in models})
     records = dict(sorted(records.items()))
     committed.write_text(json.dumps(records, indent=1))
+    if args.tag:
+        committed.with_suffix(".md").write_text(table(records, references) + "\n")
+        print(table(records, references))
+        return
     if args.seed == 0:
         (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
     print(table(records))

@@ -185,13 +185,14 @@ def main() -> None:
     records.update({m.name.split("__")[0]: record(m) for m in models})
     records = dict(sorted(records.items()))
     committed.write_text(json.dumps(records, indent=1))
+    text = table(records, references)
     if args.tag:
-        committed.with_suffix(".md").write_text(table(records, references) + "\n")
-        print(table(records, references))
+        committed.with_suffix(".md").write_text(text + "\n")
+        print(text)
         return
     if args.seed == 0:
-        (out / "hippocampus_budget_fold0_cpu.md").write_text(table(records) + "\n")
-    print(table(records))
+        (out / "hippocampus_budget_fold0_cpu.md").write_text(text + "\n")
+    print(text)
     by_seed = {int(match[1] or 0): json.loads(f.read_text()) for f in out.iterdir()
                if (match := SEED_FILE.fullmatch(f.name)) and f != committed}
     pairs = seed_pairs({**by_seed, args.seed: records})

@@ -2,8 +2,9 @@
 
 nnunetv2's `load_pretrained_weights` demands every weight of the network (but segmentation layers) in the
 checkpoint. A `TokenSparsePrimus` warm-started from a dense Primus fold (or an "infill" `TokenSparseSegmenter` from
-a UNETR fold) holds all of the dense network's modules and adds scorers and MTA, which it names in `fresh_modules`; this loader
-lets exactly those start fresh and says so. Any other network goes to nnU-Net's loader unchanged. nnScd_train installs it for the run (nnscd.cli.nnunet_commands).
+a UNETR fold) holds all of the dense network's modules and adds scorers and MTA, which it names in `fresh_modules`;
+this loader lets exactly those start fresh and says so. Any other network goes to nnU-Net's loader unchanged.
+nnScd_train installs it for the run (nnscd.cli.nnunet_commands).
 """
 from typing import Sequence
 

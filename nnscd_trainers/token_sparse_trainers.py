@@ -9,20 +9,28 @@ gradient clipping (12), fp16 autocast and GradScaler on CUDA, the same autocast 
 one full-resolution output, so deep supervision is off.
 """
 import dataclasses
-from typing import List, Tuple
+import functools
+from typing import List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnscd.networks.registry import CONFIGS
-from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
+from nnscd.networks.token_sparse_vit import TokenSparseSegmenter, assembly_of
 from nnscd.core.token_planning import TokenPlan, token_plan_for
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.keep_warmup import KeepWarmup
 from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
                                           WarmupPolyLR, equal_compute_schedule, nnScdTrainer)
+
+
+@functools.cache
+def with_assembly(trainer: type, assembly: str) -> type:
+    """`trainer` building its network with `assembly`, under the same name (checkpoints keep naming `trainer`)."""
+    return type(trainer.__name__, (trainer,), {"config_changes": {**trainer.config_changes, "assembly": assembly},
+                                               "__module__": trainer.__module__})
 
 
 class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrainer):
@@ -60,6 +68,30 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrain
         return dataclasses.replace(CONFIGS[cls.network], token_size=tuple(token_size), **cls.config_changes)
 
     @classmethod
+    def for_weights(cls, network_weights: Mapping[str, torch.Tensor]) -> type:
+        """This trainer, or, for weights of the other assembly, this trainer with that assembly under the same
+        name: STPMTATrainer folds trained before 2026-12-07 (projected assemblies) keep predicting and resuming."""
+        assembly = assembly_of(network_weights)
+        if assembly is None or assembly == cls.network_config((8, 8, 8)).assembly:
+            return cls
+        return with_assembly(cls, assembly)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if isinstance(filename_or_checkpoint, str):  # (nnU-Net's loader reads only file names)
+            weights = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False,
+                                 mmap=True)["network_weights"]
+            layout = self.for_weights(weights)
+            if layout is not type(self):
+                if self.was_initialized:
+                    raise RuntimeError(f"{filename_or_checkpoint} holds the {assembly_of(weights)} assembly, and "
+                                       f"this {type(self).__name__} already built its network; load the checkpoint "
+                                       f"before initialize() (as nnScd_train --c does)")
+                self.__class__ = layout
+                self.print_to_log_file(f"{filename_or_checkpoint}: a fold of the {assembly_of(weights)} assembly "
+                                       f"(STPMTATrainer before 2026-12-07); it goes on with that network")
+        super().load_checkpoint(filename_or_checkpoint)
+
+    @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
@@ -79,8 +111,18 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrain
 
 
 class STPMTATrainer(TokenSparseTrainer):
-    """The paper's network: STP token pruning + MTA token completion + UNETR decoder (small CPU-trainable size)."""
+    """STP token pruning + MTA token completion + UNETR decoder (small CPU-trainable size). The decoder gets what
+    UNETRTrainer's gets, completed: each position's raw features from the deepest block it reached, the deepest map
+    normalised, plus MTA's correction (zero at init). At keep 1 it is UNETRTrainer's network, a UNETRTrainer fold
+    warm-starts it (`-pretrained_weights`), and at one seed both start from the same weights. Folds trained before
+    2026-12-07 hold the paper's projected assemblies (STPMTATrainer_projected) and are loaded as such."""
     network = "stpmta"
+
+
+class STPMTATrainer_projected(TokenSparseTrainer):
+    """The paper's decoder input: each skip level assembled by per-source norm + linear, the deepest map MTA's
+    output; STPMTATrainer until 2026-12-07, and the network the variants below were measured with."""
+    network = "stpmta-projected"
 
 
 class UNETRTrainer(TokenSparseTrainer):
@@ -119,54 +161,52 @@ class ViTLightTrainer_paper(ViTLightTrainer):
     initial_lr_adamw = 3e-4
 
 
-class STPMTATrainer_keep75(STPMTATrainer):
+class STPMTATrainer_keep75(STPMTATrainer_projected):
     """Gentler pruning: 75% then 56% of the tokens stay live."""
     config_changes = {"keep_ratios": (0.75, 0.75)}
 
 
-class STPMTATrainer_keep1(STPMTATrainer):
-    """The control against UNETRTrainer: STPMTATrainer's network (scorers, token assembly, MTA) with every token
-    kept. The centered estimate gives the scorers exactly zero gradient at keep 1, so this trains what the sparse
-    architecture costs without any pruning."""
+class STPMTATrainer_keep1(STPMTATrainer_projected):
+    """The control against UNETRTrainer: STPMTATrainer_projected's network (scorers, token assembly, MTA) with
+    every token kept. The centered estimate gives the scorers exactly zero gradient at keep 1, so this trains what
+    the sparse architecture costs without any pruning."""
     config_changes = {"keep_ratios": (1.0, 1.0), "estimator": "perturbed_centered"}
 
 
 class STPMTATrainer_infill(STPMTATrainer):
-    """The decoder gets what the dense twin's gets, completed: each position's raw features from the deepest block
-    it reached, the deepest map normalised, plus MTA's correction (zero at init); no per-source assemblies. At keep
-    1 it is UNETRTrainer's network, and a UNETRTrainer fold warm-starts it (`-pretrained_weights`)."""
-    config_changes = {"assembly": "infill"}
+    """STPMTATrainer under the name its quality runs of 2026-12-06 carry (documentation/results/hippocampus.md)."""
 
 
-class STPMTATrainer_infill_keep1(STPMTATrainer_infill):
-    """STPMTATrainer_keep1's control for the infill network: every token kept, scorers idle (centered estimate)."""
-    config_changes = {**STPMTATrainer_infill.config_changes, **STPMTATrainer_keep1.config_changes}
+class STPMTATrainer_infill_keep1(STPMTATrainer):
+    """STPMTATrainer_keep1's control for STPMTATrainer's network: every token kept, scorers idle (centered
+    estimate), so it is UNETRTrainer's network with UNETRTrainer's initial weights at one seed."""
+    config_changes = STPMTATrainer_keep1.config_changes
 
 
-class STPMTATrainer_keep25(STPMTATrainer):
+class STPMTATrainer_keep25(STPMTATrainer_projected):
     """Harder pruning: 25% then 6% of the tokens stay live."""
     config_changes = {"keep_ratios": (0.25, 0.25)}
 
 
-class STPMTATrainer_centered(STPMTATrainer):
+class STPMTATrainer_centered(STPMTATrainer_projected):
     """The soft top-K's gradient estimate with its control variate (`perturbed_centered`): the same expectation,
     without the noise the published estimate sends through the scorers into the encoder."""
     config_changes = {"estimator": "perturbed_centered"}
 
 
-class STPMTATrainer_keepwarmup(STPMTATrainer):
+class STPMTATrainer_keepwarmup(STPMTATrainer_projected):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 50% then 25% as STPMTATrainer."""
     keep_warmup = 0.4
 
 
-class STPMTATrainer_straightthrough(STPMTATrainer):
+class STPMTATrainer_straightthrough(STPMTATrainer_projected):
     """Kept and pruned tokens enter training unscaled, as at inference; the soft top-K indicators reach the scorers
     through their gradient only (straight-through)."""
     config_changes = {"straight_through": True}
 
 
-class STPMTATrainer_lr2en3(STPMTATrainer):
+class STPMTATrainer_lr2en3(STPMTATrainer_projected):
     """Twice the small ViT's learning rate (AdamW 2e-3): does a short budget want a faster start?"""
     initial_lr_adamw = 2e-3
 
@@ -175,12 +215,12 @@ class UNETRTrainer_lr2en3(UNETRTrainer):
     initial_lr_adamw = 2e-3
 
 
-class STPMTATrainer_gumbel(STPMTATrainer):
+class STPMTATrainer_gumbel(STPMTATrainer_projected):
     """Ablation: the published code's single-sample Gumbel straight-through estimator instead of soft top-K."""
     config_changes = {"estimator": "gumbel"}
 
 
-class STPMTATrainer_fgprior(STPMTATrainer):
+class STPMTATrainer_fgprior(STPMTATrainer_projected):
     """The scorers also learn which tokens hold foreground (nnscd_trainers.foreground_prior, weight 1)."""
     foreground_prior = 1.0
 
@@ -244,6 +284,10 @@ class ViTLightTrainer_cpu(ViTLightTrainer):
 
 
 class STPMTATrainer_budget(STPMTATrainer):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTATrainer_projected_budget(STPMTATrainer_projected):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 
@@ -324,7 +368,7 @@ class STPMTALightTrainer_layerscale_budget(STPMTALightTrainer_layerscale):
 
 
 # equal compute: the U-Net's budget time (nnscd_trainer.equal_compute_schedule; seconds per iteration measured)
-class STPMTATrainer_equalcompute(STPMTATrainer):
+class STPMTATrainer_equalcompute(STPMTATrainer_projected):  # the network its step time was measured for
     schedule, batch_size_override = equal_compute_schedule(2.203), BUDGET_BATCH  # 30 epochs x 25
 
 

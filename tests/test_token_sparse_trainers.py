@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nnscd_trainers
-from conftest import DATASET_ID, dice_per_class, run_command
-from nnscd.networks.token_sparse_vit import TokenSparseSegmenter
+from conftest import CONFIG, DATASET, DATASET_ID, dice_per_class, run_command
+from nnscd.networks.token_sparse_vit import TokenSparseSegmenter, assembly_of
 from nnscd_trainers.keep_statistics import kept_foreground_share
 from nnscd_trainers.token_sparse_trainers import TokenSparseTrainer, WarmupPolyLR
 
@@ -37,7 +37,7 @@ def test_each_trainer_builds_its_network_from_the_plans(trainer):
 
 
 def test_variants_change_only_what_they_name():
-    base = nnscd_trainers.STPMTATrainer.network_config([8, 8, 8])
+    base = nnscd_trainers.STPMTATrainer_projected.network_config([8, 8, 8])
     assert nnscd_trainers.STPMTATrainer_keep25.network_config([8, 8, 8]).keep_ratios == (0.25, 0.25)
     gumbel = nnscd_trainers.STPMTATrainer_gumbel.network_config([8, 8, 8])
     assert gumbel.estimator == "gumbel" and gumbel.keep_ratios == base.keep_ratios
@@ -45,6 +45,84 @@ def test_variants_change_only_what_they_name():
     assert centered == replace(base, estimator="perturbed_centered")
     paper = nnscd_trainers.STPMTATrainer_paper.network_config([8, 8, 8])
     assert (paper.dim, paper.depth, paper.heads, paper.prune_after) == (768, 12, 12, (3, 6, 9))
+
+
+# STPMTATrainer variants whose runs (documentation/results/) were made with the projected assemblies
+MEASURED_ON_PROJECTED = ["keep75", "keep25", "keep1", "centered", "keepwarmup", "straightthrough", "lr2en3", "gumbel",
+                         "fgprior", "equalcompute", "projected_budget"]
+
+
+def test_stpmta_trainer_decodes_the_infill_and_measured_variants_keep_their_network():
+    def assembly(name: str) -> str:
+        return getattr(nnscd_trainers, name).network_config([8, 8, 8]).assembly
+
+    assert [assembly(n) for n in ("STPMTATrainer", "STPMTATrainer_budget", "STPMTATrainer_demo")] == ["infill"] * 3
+    assert {assembly(f"STPMTATrainer_{v}") for v in MEASURED_ON_PROJECTED} == {"projected"}
+    assert assembly("STPMTATrainer_paper") == "projected"  # the paper's network at the paper's size
+    for name in ("STPMTATrainer_infill_budget", "STPMTATrainer_infill"):  # the names of the infill's first runs
+        assert getattr(nnscd_trainers, name).network_config([8, 8, 8]) == \
+            nnscd_trainers.STPMTATrainer.network_config([8, 8, 8])
+
+
+def _projected_fold(trained_stpmta, model, fold: str) -> dict:
+    """`model`/fold_`fold`: trained_stpmta's fold 3 with the weights of an STPMTATrainer_cpu of the projected
+    assemblies, as a fold trained before 2026-12-07 holds them; returns those weights."""
+    import shutil
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    shutil.copytree(trained_stpmta / "fold_3", model / f"fold_{fold}")
+    checkpoint_file = model / f"fold_{fold}" / "checkpoint_final.pth"
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    plans = PlansManager(json.loads((model / "plans.json").read_text()))
+    network = nnscd_trainers.STPMTATrainer_projected.build_network_architecture(
+        plans, plans.get_configuration(CONFIG), 1, 3, False)
+    weights = network.state_dict()
+    checkpoint["network_weights"] = weights
+    checkpoint["optimizer_state"] = torch.optim.AdamW(network.parameters()).state_dict()
+    torch.save(checkpoint, checkpoint_file)
+    return weights
+
+
+def test_a_fold_of_the_projected_network_predicts_and_validates_as_that_network(nnunet_env, trained_stpmta, tmp_path,
+                                                                               monkeypatch):
+    import shutil
+
+    from nnscd.core.errors import UserError
+    from nnscd.core.paths import TRAINER_LOOKUP_FOLDER
+    from nnscd.core.predictor import nnScdPredictor
+
+    monkeypatch.setenv("nnUNet_extTrainer", TRAINER_LOOKUP_FOLDER)  # as every nnScd_ command sets it
+
+    results = tmp_path / "results"
+    model = results / DATASET / trained_stpmta.name
+    shutil.copytree(trained_stpmta, model, ignore=shutil.ignore_patterns("fold_*"))
+    shutil.copytree(trained_stpmta / "fold_3", model / "fold_3")  # today's network
+    old = _projected_fold(trained_stpmta, model, "4")
+
+    def network_of(*folds):
+        predictor = nnScdPredictor(device=torch.device("cpu"))
+        predictor.initialize_from_trained_model_folder(str(model), folds)
+        return predictor.trainer_name, predictor.network
+
+    name, network = network_of("4")
+    assert (name, network.config.assembly) == ("STPMTATrainer_cpu", "projected")
+    assert all(torch.equal(v, old[k]) for k, v in network.state_dict().items())
+    assert network_of("3")[1].config.assembly == "infill"
+    assert assembly_of(torch.load(model / "fold_3" / "checkpoint_final.pth", weights_only=False)["network_weights"]) \
+        == "infill"
+    with pytest.raises(UserError, match="fold_4.*older STPMTATrainer_cpu network.*fold_3"):
+        network_of("3", "4")
+
+    # nnScd_train --val (as --c) loads the old fold into the network it holds and validates with it
+    shutil.rmtree(model / "fold_3")
+    (model / "fold_4").rename(model / "fold_3")
+    shutil.rmtree(model / "fold_3" / "validation", ignore_errors=True)
+    run_command(["nnScd_train", str(DATASET_ID), CONFIG, "3", "-tr", "STPMTATrainer_cpu", "-p", "nnScdPlans",
+                 "-device", "cpu", "--val"], {**nnunet_env, "nnUNet_results": str(results)})
+    assert (model / "fold_3" / "validation" / "summary.json").is_file()
+    logs = "".join(f.read_text() for f in (model / "fold_3").glob("training_log_*.txt"))
+    assert "a fold of the projected assembly (STPMTATrainer before 2026-12-07)" in logs
 
 
 def test_learning_rate_is_a_function_of_the_epoch_so_resuming_keeps_it():

@@ -26,7 +26,8 @@ PLANNER_MODULE = "nnunetv2.experiment_planning.experiment_planners.default_exper
 HOOKED: List[Tuple[str, str]] = [
     (TRAINER_MODULE, "NonDetMultiThreadedAugmenter"), (TRAINER_MODULE, "nnUNetPredictor"), (TRAINER_MODULE, "DDP"),
     (PREDICT_MODULE, "nnUNetPredictor"), (PREDICT_MODULE, "predict_entry_point"),
-    (PREDICT_MODULE, "predict_entry_point_modelfolder"), (RUN_TRAINING_MODULE, "load_pretrained_weights"),
+    (PREDICT_MODULE, "predict_entry_point_modelfolder"), (PREDICT_MODULE, "recursive_find_trainer_class_by_name"),
+    (RUN_TRAINING_MODULE, "load_pretrained_weights"),
     (FIND_BEST_MODULE, "print_inference_instructions"), (PLANS_MODULE, "ConfigurationManager"),
     (PLANNER_MODULE, "get_allowed_n_proc_DA"),
 ]
@@ -66,6 +67,12 @@ def trainer_ddp_wrapper(wrap: Callable) -> contextlib.AbstractContextManager:
 def entry_point_predictor(predictor: type) -> contextlib.AbstractContextManager:
     """nnUNetv2_predict and nnUNetv2_predict_from_modelfolder build `predictor` instead of nnUNetPredictor."""
     return swapped(_module(PREDICT_MODULE), "nnUNetPredictor", predictor)
+
+
+def predictor_trainer_lookup(find: Callable[[str], type]) -> contextlib.AbstractContextManager:
+    """nnUNetPredictor.initialize_from_trained_model_folder takes the trainer class that builds the network from
+    `find(trainer_name)`."""
+    return swapped(_module(PREDICT_MODULE), "recursive_find_trainer_class_by_name", find)
 
 
 def pretrained_weights_loader(load: Callable) -> contextlib.AbstractContextManager:

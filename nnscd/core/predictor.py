@@ -3,7 +3,8 @@ half-written."""
 import itertools
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -11,7 +12,9 @@ from tqdm import tqdm
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.helpers import empty_cache
+from nnscd.core import nnunet_hooks
 from nnscd.core.atomic_plans_manager import AtomicWritePlansManager
 from nnscd.core.device import synchronize
 from nnscd.core.errors import UserError
@@ -69,6 +72,23 @@ def check_predictor_environment() -> None:
     batch_factor_from_environment()
 
 
+def trainer_for_checkpoints(checkpoints: Sequence[str], trainer_name: str) -> type:
+    """The class that builds the network these checkpoints hold: nnU-Net's lookup of `trainer_name`, then, where
+    the class has one, its `for_weights` (a trainer whose network changed keeps its older folds predicting).
+    UserError when the folds hold networks of different layouts."""
+    trainer = recursive_find_trainer_class_by_name(trainer_name)
+    if not hasattr(trainer, "for_weights"):
+        return trainer
+    layouts = {path: trainer.for_weights(torch.load(path, map_location="cpu", weights_only=False,
+                                                    mmap=True)["network_weights"]) for path in checkpoints}
+    if len(set(layouts.values())) > 1:
+        old = [path for path, layout in layouts.items() if layout is not trainer]
+        raise UserError(f"{', '.join(old)} hold(s) an older {trainer_name} network than the other folds "
+                        f"({', '.join(p for p in checkpoints if p not in old)}): predict them in separate runs (-f) "
+                        f"and ensemble the probabilities (nnScd_ensemble), or retrain the older folds.")
+    return layouts[checkpoints[0]]
+
+
 class nnScdPredictor(nnUNetPredictor):
     """nnUNetPredictor that batches sliding-window tiles and their mirrored copies, and whose segmentation files
     appear only when complete.
@@ -89,7 +109,12 @@ class nnScdPredictor(nnUNetPredictor):
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth") -> None:
-        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        folds = [use_folds] if isinstance(use_folds, str) else list(use_folds)
+        checkpoints = [os.path.join(model_training_output_dir, f"fold_{f}", checkpoint_name) for f in folds]
+        with nnunet_hooks.predictor_trainer_lookup(partial(trainer_for_checkpoints, checkpoints)):
+            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self.plans_manager = AtomicWritePlansManager(self.plans_manager.plans)
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json: dict,

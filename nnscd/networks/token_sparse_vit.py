@@ -13,7 +13,7 @@ Nothing here imports nnU-Net; a network takes (B, C, *patch) and returns (B, num
 """
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -320,6 +320,14 @@ class TokenSparseEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. MTA: multi-layer token assembly
 # ---------------------------------------------------------------------------------------------------------------
+
+def assembly_of(network_weights: Mapping[str, Tensor]) -> Optional[str]:
+    """The assembly a TokenSparseSegmenter's weights were trained with (None: a dense network's). Only an "infill"
+    sparse network holds both MTA and the dense twin's final norm."""
+    if not any(k.startswith("mta.") for k in network_weights):
+        return None
+    return "infill" if "norm.weight" in network_weights else "projected"
+
 
 def merge_token_sets(sources: Sequence[TokenSet], num_tokens: int) -> Tensor:
     """Token sets whose positions partition 0..L-1 -> one (B, L, D) sequence in spatial order: the infill, where

@@ -45,6 +45,7 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusLightTrainer_equalcompute": "PrimusLightTrainer_equalcompute",
     "STPMTAPrimusLightTrainer_noprior_equalcompute": "PrimusLightTrainer_equalcompute",
     "STPMTATrainer_budget": "UNETRTrainer_budget",
+    "STPMTATrainer_projected_budget": "UNETRTrainer_budget",
     "STPMTATrainer_fgprior_budget": "UNETRTrainer_budget",
     "STPMTATrainer_keep75_budget": "UNETRTrainer_budget",
     "STPMTATrainer_centered_budget": "UNETRTrainer_budget",

@@ -32,7 +32,7 @@ def load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = Fals
             + (f"{len(reshaped)} have another shape (first: {reshaped[0]} {tuple(pretrained[reshaped[0]].shape)} "
                f"vs {tuple(own[reshaped[0]].shape)}); " if reshaped else "")
             + "pass a checkpoint of the dense twin trained with the same plans, configuration and dataset "
-              "(e.g. nnUNet_PrimusV3S_Trainer for STPMTAPrimusV3STrainer, UNETRTrainer for STPMTATrainer_infill)")
+              "(e.g. nnUNet_PrimusV3S_Trainer for STPMTAPrimusV3STrainer, UNETRTrainer for STPMTATrainer)")
     loaded = {k: v for k, v in pretrained.items() if k in own}
     module.load_state_dict({**own, **loaded})
     starting = sorted(p.rstrip(".") for p in fresh if any(k.startswith(p) and k not in loaded for k in own))

@@ -86,9 +86,10 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrain
                     raise RuntimeError(f"{filename_or_checkpoint} holds the {assembly_of(weights)} assembly, and "
                                        f"this {type(self).__name__} already built its network; load the checkpoint "
                                        f"before initialize() (as nnScd_train --c does)")
+                self.print_to_log_file(f"{filename_or_checkpoint}: a fold of the {assembly_of(weights)} assembly, "
+                                       f"not the {self.network_config((8, 8, 8)).assembly} one {type(self).__name__} "
+                                       f"builds today; it goes on with the fold's network")
                 self.__class__ = layout
-                self.print_to_log_file(f"{filename_or_checkpoint}: a fold of the {assembly_of(weights)} assembly "
-                                       f"(STPMTATrainer before 2026-12-07); it goes on with that network")
         super().load_checkpoint(filename_or_checkpoint)
 
     @classmethod

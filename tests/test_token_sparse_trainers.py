@@ -122,7 +122,7 @@ def test_a_fold_of_the_projected_network_predicts_and_validates_as_that_network(
                  "-device", "cpu", "--val"], {**nnunet_env, "nnUNet_results": str(results)})
     assert (model / "fold_3" / "validation" / "summary.json").is_file()
     logs = "".join(f.read_text() for f in (model / "fold_3").glob("training_log_*.txt"))
-    assert "a fold of the projected assembly (STPMTATrainer before 2026-12-07)" in logs
+    assert "a fold of the projected assembly, not the infill one STPMTATrainer_cpu builds today" in logs
 
 
 def test_learning_rate_is_a_function_of_the_epoch_so_resuming_keeps_it():

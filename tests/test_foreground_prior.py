@@ -98,7 +98,7 @@ def test_the_sparse_primus_family_learns_the_prior_by_default_and_the_vit_family
 @pytest.mark.parametrize("name, base_name, scheduled", [
     ("STPMTAPrimusV3STrainer_noprior", "STPMTAPrimusV3STrainer", "_budget"),
     ("STPMTAPrimusLightTrainer_noprior", "STPMTAPrimusLightTrainer", "_equalcompute"),
-    ("STPMTATrainer_fgprior", "STPMTATrainer", "_budget")])
+    ("STPMTATrainer_fgprior", "STPMTATrainer_projected", "_budget")])  # measured on the projected network
 def test_the_prior_variants_are_their_base_trainers_with_the_prior_switched(name: str, base_name: str,
                                                                              scheduled: str):
     variant, base = getattr(nnscd_trainers, name), getattr(nnscd_trainers, base_name)

@@ -82,13 +82,14 @@ class TokenSparseTrainer(ForegroundPrior, KeepStatistics, KeepWarmup, nnScdTrain
                                  mmap=True)["network_weights"]
             layout = self.for_weights(weights)
             if layout is not type(self):
+                found = assembly_of(weights)
                 if self.was_initialized:
-                    raise RuntimeError(f"{filename_or_checkpoint} holds the {assembly_of(weights)} assembly, and "
-                                       f"this {type(self).__name__} already built its network; load the checkpoint "
+                    raise RuntimeError(f"{filename_or_checkpoint} holds the {found} assembly, and this "
+                                       f"{type(self).__name__} already built its network; load the checkpoint "
                                        f"before initialize() (as nnScd_train --c does)")
-                self.print_to_log_file(f"{filename_or_checkpoint}: a fold of the {assembly_of(weights)} assembly, "
-                                       f"not the {self.network_config((8, 8, 8)).assembly} one {type(self).__name__} "
-                                       f"builds today; it goes on with the fold's network")
+                self.print_to_log_file(f"{filename_or_checkpoint}: a fold of the {found} assembly, not the "
+                                       f"{self.network_config((8, 8, 8)).assembly} one {type(self).__name__} builds "
+                                       f"today; it goes on with the fold's network")
                 self.__class__ = layout
         super().load_checkpoint(filename_or_checkpoint)
 

@@ -117,6 +117,13 @@ class STPMTAPrimusV3STrainer_keep50(STPMTAPrimusV3STrainer):
     config_changes = {"keep_ratios": (0.5, 0.5)}
 
 
+class STPMTAPrimusV3STrainer_keep1(STPMTAPrimusV3STrainer):
+    """The control against nnU-Net's PrimusV3-S: the sparse network (scorers learning the prior, MTA) with every
+    token kept; the centered estimate gives the scorers no top-K gradient. Against the dense twin it measures what
+    the added modules and the prior's loss cost, against STPMTAPrimusV3STrainer what pruning costs."""
+    config_changes = {"keep_ratios": (1.0, 1.0), "estimator": "perturbed_centered"}
+
+
 class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
@@ -157,6 +164,10 @@ class STPMTAPrimusV3STrainer_budget(STPMTAPrimusV3STrainer):
 
 
 class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_keep1_budget(STPMTAPrimusV3STrainer_keep1):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

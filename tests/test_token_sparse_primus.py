@@ -103,6 +103,24 @@ def test_pruning_trains_the_scorers_through_both_token_sets(image):
         assert stage.scorer.head[-1].weight.grad.abs().sum() > 0
 
 
+def test_keep_one_control_prunes_nothing_and_leaves_the_scorers_to_the_prior(image):
+    """STPMTAPrimusV3STrainer_keep1: every token live and unscaled in training, no top-K gradient to the scorers
+    (only the prior's loss teaches them), MTA's correction trained."""
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer_keep1
+
+    config = dataclasses.replace(STPMTAPrimusV3STrainer_keep1.network_config(), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    net = TokenSparsePrimus(1, 3, PATCH, config)
+    with torch.no_grad():
+        inference = net.eval()(image)
+    training = net.train()(image)
+    assert [k.shape for k in net.last_keep_indices] == [(2, 64), (2, 64)]
+    assert torch.allclose(training, inference, atol=1e-5)
+    training.square().mean().backward()
+    assert all(not p.grad.any() for stage in net.stages for p in stage.scorer.parameters())
+    assert net.mta.proj.weight.grad.any()
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])
 def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep):
     config = SparsePrimusConfig(keep_ratios=(keep, keep))

@@ -93,6 +93,23 @@ def predict_torch_and_onnx(env: Dict[str, str], planned_dataset: Path, trainer: 
     return out / "torch", out / "onnx"
 
 
+# Under pytest-xdist (pyproject's `-n 2 --dist loadgroup`) each worker gets its share of the cores, handed down to
+# the nnScd_ processes it starts; two workers with every core each would slow each other's torch threads down.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """xdist groups (read by xdist's collection hook, so set here, before it): the tests that use one of the
+    session's trained models run on one worker, so each model is trained once; every other module stays whole on one
+    worker, with its module fixtures."""
+    callspec = getattr(item, "callspec", None)  # a model fixture named by a parameter (request.getfixturevalue)
+    used = [*getattr(item, "fixturenames", ()), *(callspec.params.values() if callspec else ())]
+    shared = [name for name in ("trained_model", "trained_stpmta") if name in used]
+    item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> Dict[str, str]:
     root = tmp_path_factory.mktemp("nnunet")

@@ -124,6 +124,12 @@ class STPMTAPrimusV3STrainer_keep1(STPMTAPrimusV3STrainer):
     config_changes = {"keep_ratios": (1.0, 1.0), "estimator": "perturbed_centered"}
 
 
+class STPMTAPrimusV3STrainer_late(STPMTAPrimusV3STrainer):
+    """Later pruning: STP after Eva blocks 6 and 9 (of 12), so every token passes half the encoder before any is
+    pruned; at the budget the keep-1 control put 2 of the sparse network's 2.9 points on pruning after blocks 3, 6."""
+    config_changes = {"prune_after": (6, 9)}
+
+
 class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
@@ -168,6 +174,10 @@ class STPMTAPrimusV3STrainer_keep50_budget(STPMTAPrimusV3STrainer_keep50):
 
 
 class STPMTAPrimusV3STrainer_keep1_budget(STPMTAPrimusV3STrainer_keep1):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_late_budget(STPMTAPrimusV3STrainer_late):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

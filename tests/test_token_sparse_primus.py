@@ -121,6 +121,19 @@ def test_keep_one_control_prunes_nothing_and_leaves_the_scorers_to_the_prior(ima
     assert net.mta.proj.weight.grad.any()
 
 
+def test_late_pruning_runs_half_the_encoder_on_every_token(image):
+    """STPMTAPrimusV3STrainer_late: Eva blocks 1-6 see the whole grid, 7-9 a quarter of it, 10-12 a sixteenth."""
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer_late
+
+    net = TokenSparsePrimus(1, 3, PATCH, STPMTAPrimusV3STrainer_late.network_config()).eval()
+    seen = []
+    for block in net.eva.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
+    with torch.no_grad():
+        net(image)
+    assert seen == [64] * 6 + [16] * 3 + [4] * 3
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])
 def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep):
     config = SparsePrimusConfig(keep_ratios=(keep, keep))

@@ -130,6 +130,14 @@ class STPMTAPrimusV3STrainer_late(STPMTAPrimusV3STrainer):
     config_changes = {"prune_after": (6, 9)}
 
 
+class STPMTAPrimusV3STrainer_straightthrough(STPMTAPrimusV3STrainer):
+    """Kept and pruned tokens reach the decoder unscaled in training, as at inference; the soft top-K indicators
+    reach the scorers through their gradient only. After block 6 the 6.25% cut runs through the foreground (36% of
+    it kept), so the default scales foreground tokens near the cut by about half in training and never at
+    inference."""
+    config_changes = {"straight_through": True}
+
+
 class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
@@ -178,6 +186,10 @@ class STPMTAPrimusV3STrainer_keep1_budget(STPMTAPrimusV3STrainer_keep1):
 
 
 class STPMTAPrimusV3STrainer_late_budget(STPMTAPrimusV3STrainer_late):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_straightthrough_budget(STPMTAPrimusV3STrainer_straightthrough):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

@@ -134,6 +134,23 @@ def test_late_pruning_runs_half_the_encoder_on_every_token(image):
     assert seen == [64] * 6 + [16] * 3 + [4] * 3
 
 
+def test_straight_through_trains_on_what_inference_computes(image):
+    """STPMTAPrimusV3STrainer_straightthrough: the training forward equals the inference forward (no token scaled
+    by its indicator), and the scorers still get the soft top-K's gradient."""
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer_straightthrough
+
+    config = dataclasses.replace(STPMTAPrimusV3STrainer_straightthrough.network_config(), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    net = TokenSparsePrimus(1, 3, PATCH, config)
+    with torch.no_grad():
+        inference = net.eval()(image)
+    training = net.train()(image)
+    assert [k.shape[1] for k in net.last_keep_indices] == [16, 4]
+    assert torch.allclose(training, inference, atol=1e-5)
+    training.square().mean().backward()
+    assert all(stage.scorer.head[-1].weight.grad.any() for stage in net.stages)
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])
 def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep):
     config = SparsePrimusConfig(keep_ratios=(keep, keep))

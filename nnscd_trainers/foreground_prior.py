@@ -59,6 +59,10 @@ class ForegroundPrior:
 
     def _build_loss(self) -> nn.Module:
         loss = super()._build_loss()
+        if self.prunes() and self.network_config().estimator == "hard" and not self.foreground_prior > 0:
+            raise ValueError(f"{type(self).__name__}: the 'hard' top-K estimator gives STP's scorers no gradient, "
+                             f"so only the foreground prior can teach them; set foreground_prior > 0 or use "
+                             f"another estimator")
         if self.foreground_prior > 0 and self.prunes():
             return LossWithForegroundPrior(loss, lambda: unwrap(self.network), self.label_manager,
                                            self.foreground_prior)

@@ -138,6 +138,12 @@ class STPMTAPrimusV3STrainer_straightthrough(STPMTAPrimusV3STrainer):
     config_changes = {"straight_through": True}
 
 
+class STPMTAPrimusV3STrainer_hard(STPMTAPrimusV3STrainer):
+    """Hard top-K in training too: no token scaled, no top-K gradient; the scorers learn from the foreground prior
+    alone. Pruning is then the only difference from the keep-1 control, whose every token is live."""
+    config_changes = {"estimator": "hard"}
+
+
 class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
@@ -190,6 +196,10 @@ class STPMTAPrimusV3STrainer_late_budget(STPMTAPrimusV3STrainer_late):
 
 
 class STPMTAPrimusV3STrainer_straightthrough_budget(STPMTAPrimusV3STrainer_straightthrough):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_hard_budget(STPMTAPrimusV3STrainer_hard):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

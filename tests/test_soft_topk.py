@@ -149,6 +149,18 @@ def test_training_keeps_the_clean_topk_set_and_scales_by_the_soft_indicator():
     assert not torch.allclose(ratio, torch.ones_like(ratio))
 
 
+def test_the_hard_estimator_trains_on_the_inference_tokens_and_sends_the_scores_nothing():
+    scores = torch.randn(3, 20, requires_grad=True)
+    indicator = soft_topk(scores, 5, sigma=0.25, num_samples=16, estimator="hard")
+    assert torch.equal(indicator, hard_topk_indicator(scores.detach(), 5)) and not indicator.requires_grad
+
+    stage, live = pruning_stage()
+    stage.config = TokenSparseConfig(dim=16, heads=2, mta_dim=16, mta_heads=2, estimator="hard")
+    eval_kept, eval_dropped = stage.eval()(live)
+    kept, dropped = stage.train()(live)
+    assert torch.equal(kept.features, eval_kept.features) and torch.equal(dropped.features, eval_dropped.features)
+
+
 @pytest.mark.parametrize("estimator", ["perturbed", "perturbed_centered", "gumbel"])
 def test_scorers_learn_from_the_segmentation_loss(estimator):
     torch.manual_seed(5)

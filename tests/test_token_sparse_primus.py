@@ -134,12 +134,14 @@ def test_late_pruning_runs_half_the_encoder_on_every_token(image):
     assert seen == [64] * 6 + [16] * 3 + [4] * 3
 
 
-def test_straight_through_trains_on_what_inference_computes(image):
-    """STPMTAPrimusV3STrainer_straightthrough: the training forward equals the inference forward (no token scaled
-    by its indicator), and the scorers still get the soft top-K's gradient."""
-    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer_straightthrough
+@pytest.mark.parametrize("variant, scorers_learn", [("STPMTAPrimusV3STrainer_straightthrough", True),
+                                                    ("STPMTAPrimusV3STrainer_hard", False)])
+def test_unscaled_variants_train_on_what_inference_computes(image, variant, scorers_learn):
+    """_straightthrough and _hard: the training forward equals the inference forward (no token scaled by its
+    indicator); the scorers get the soft top-K's gradient through the first and none through the second."""
+    import nnscd_trainers
 
-    config = dataclasses.replace(STPMTAPrimusV3STrainer_straightthrough.network_config(), drop_path_rate=0.0)
+    config = dataclasses.replace(getattr(nnscd_trainers, variant).network_config(), drop_path_rate=0.0)
     torch.manual_seed(0)
     net = TokenSparsePrimus(1, 3, PATCH, config)
     with torch.no_grad():
@@ -148,7 +150,8 @@ def test_straight_through_trains_on_what_inference_computes(image):
     assert [k.shape[1] for k in net.last_keep_indices] == [16, 4]
     assert torch.allclose(training, inference, atol=1e-5)
     training.square().mean().backward()
-    assert all(stage.scorer.head[-1].weight.grad.any() for stage in net.stages)
+    grads = [stage.scorer.head[-1].weight.grad for stage in net.stages]
+    assert all(g is not None and g.any() for g in grads) if scorers_learn else all(g is None for g in grads)
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])

@@ -15,11 +15,13 @@ halves the noise STP adds to the patch embedding's gradient (documentation/resul
 STP standardises scores per sample before this, so that sigma means the same thing all through training;
 otherwise the scorer escapes the noise by inflating its scores. The Gumbel straight-through estimator (one
 noisy sample, sigmoid relaxation around the K-th value) is here for ablation against the published code.
+"hard" is no estimator: the hard indicator itself, so training scales no token and sends the scores no gradient;
+only an auxiliary loss on the raw scores (nnscd_trainers.foreground_prior) teaches such a scorer.
 """
 import torch
 from torch import Tensor
 
-ESTIMATORS = ("perturbed", "perturbed_centered", "gumbel")
+ESTIMATORS = ("perturbed", "perturbed_centered", "gumbel", "hard")
 
 
 def num_kept(live: int, keep: float, min_tokens: int) -> int:
@@ -86,4 +88,6 @@ def soft_topk(scores: Tensor, k: int, sigma: float, num_samples: int, estimator:
         return PerturbedTopK.apply(scores, k, num_samples, sigma, estimator == "perturbed_centered")
     if estimator == "gumbel":
         return gumbel_topk_straight_through(scores, k, tau=sigma)
+    if estimator == "hard":
+        return hard_topk_indicator(scores.detach(), k)
     raise ValueError(f"unknown soft top-K estimator {estimator!r}; choose one of {ESTIMATORS}")

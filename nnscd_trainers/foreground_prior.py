@@ -59,7 +59,8 @@ class ForegroundPrior:
 
     def _build_loss(self) -> nn.Module:
         loss = super()._build_loss()
-        if self.prunes() and self.network_config().estimator == "hard" and not self.foreground_prior > 0:
+        if any(stage.config.estimator == "hard" for stage in stp_stages(unwrap(self.network))) \
+                and not self.foreground_prior > 0:
             raise ValueError(f"{type(self).__name__}: the 'hard' top-K estimator gives STP's scorers no gradient, "
                              f"so only the foreground prior can teach them; set foreground_prior > 0 or use "
                              f"another estimator")

@@ -71,7 +71,9 @@ def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request
 
 
 class _CostPerCall(torch.nn.Module):
-    """The network, with a sleep per forward that makes batching pay (0.2 s per call) or cost (0.3 s x batch^2:
+    """The network, with a sleep per forward that makes batching pay (1 s per call: one by one stays slower by the
+    margin while a forward computes in under 3 s per input; 0.2 s was too little on a 2-core machine running a
+    training beside both test workers) or cost (0.3 s x batch^2:
     batching 4 inputs costs 3.6 s more, far above what it saves in compute even on a loaded machine); or, for a close
     call, neither: 0.6 s per input one by one or batched, and zero logits, so that no load on the machine can make
     one way faster (that case checks the turns only)."""
@@ -84,7 +86,7 @@ class _CostPerCall(torch.nn.Module):
         if self.cost == "neutral":
             time.sleep(0.6 * len(x))
             return x.new_zeros(len(x), self.classes, *x.shape[2:])
-        time.sleep({"pays": 0.2, "costs": 0.3 * len(x) ** 2}[self.cost])
+        time.sleep({"pays": 1.0, "costs": 0.3 * len(x) ** 2}[self.cost])
         return self.network(x)
 
 

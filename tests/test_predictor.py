@@ -1,7 +1,7 @@
 """nnScdPredictor against nnunetv2's predictor on the same trained models and a multi-tile case: same output,
 fewer and larger forwards."""
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,22 +71,19 @@ def test_batched_tiles_and_mirrors_give_nnunets_output_in_fewer_forwards(request
 
 
 class _CostPerCall(torch.nn.Module):
-    """The network, with a sleep per forward that makes batching pay (1 s per call: one by one stays slower by the
-    margin while a forward computes in under 3 s per input; 0.2 s was too little on a 2-core machine running a
-    training beside both test workers) or cost (0.3 s x batch^2:
-    batching 4 inputs costs 3.6 s more, far above what it saves in compute even on a loaded machine); or, for a close
-    call, neither: 0.6 s per input one by one or batched, and zero logits, so that no load on the machine can make
-    one way faster (that case checks the turns only)."""
+    """The network, with a cost per forward on a simulated clock (the predictor's `time.perf_counter`, patched), so
+    that what the machine is doing beside the test cannot change the choice: batching pays (0.2 s per call), costs
+    (0.3 s x batch^2: 4.8 s for 4 inputs against 4 x 0.3 s) or neither (0.6 s per input one by one or batched, with
+    zero logits; that case checks the turns only). The real forward still runs, so the logits are the network's."""
 
-    def __init__(self, network: torch.nn.Module, cost: str, classes: int):
+    def __init__(self, network: torch.nn.Module, cost: str, classes: int, clock: SimpleNamespace):
         super().__init__()
-        self.network, self.cost, self.classes = network, cost, classes
+        self.network, self.cost, self.classes, self.clock = network, cost, classes, clock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += {"pays": 0.2, "costs": 0.3 * len(x) ** 2, "neutral": 0.6 * len(x)}[self.cost]
         if self.cost == "neutral":
-            time.sleep(0.6 * len(x))
             return x.new_zeros(len(x), self.classes, *x.shape[2:])
-        time.sleep({"pays": 1.0, "costs": 0.3 * len(x) ** 2}[self.cost])
         return self.network(x)
 
 
@@ -103,7 +100,10 @@ def test_unset_factor_times_both_ways_on_the_first_tiles_and_keeps_the_faster(tr
     monkeypatch.delenv("nnScd_predict_batch_factor", raising=False)
     reference, ours = _predictors(trained_model, 0, True)
     reference.allowed_mirroring_axes = ours.allowed_mirroring_axes = (0,)  # 2 inputs per tile
-    ours.network = _CostPerCall(ours.network, cost, ours.label_manager.num_segmentation_heads)
+    clock = SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    monkeypatch.setattr("nnscd.core.predictor.time", clock)
+    ours.network = _CostPerCall(ours.network, cost, ours.label_manager.num_segmentation_heads, clock)
     data = _multi_tile_case(planned_dataset)
     forwards = _count_forwards(ours)
     first = ours.predict_sliding_window_return_logits(data)

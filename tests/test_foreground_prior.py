@@ -90,17 +90,16 @@ def test_the_hard_estimator_is_refused_without_the_prior():
     never learn, so the trainer stops before training instead."""
     hard = TokenSparseConfig(dim=48, depth=3, heads=2, token_size=TOKEN, prune_after=(1, 2),
                              keep_ratios=(0.25, 0.5), mta_dim=24, mta_heads=2, estimator="hard")
-    for weight in (0.0, 1.0):
-        trainer = type("T", (ForegroundPrior, _Trainer), {"foreground_prior": weight,
-                                                          "prunes": classmethod(lambda cls: True)})()
-        trainer.network, trainer.label_manager = TokenSparseSegmenter(1, 2, PATCH, hard), _Labels()
-        if weight:
-            assert isinstance(trainer._build_loss(), LossWithForegroundPrior)
-            continue
-        with pytest.raises(ValueError, match="'hard' top-K estimator gives STP's scorers no gradient.*prior"):
-            trainer._build_loss()
-        trainer.network = _network()  # the published estimator: the scorers learn without the prior
-        assert isinstance(trainer._build_loss(), _SegLoss)
+    trainer_class = type("T", (ForegroundPrior, _Trainer), {"foreground_prior": 0.0,
+                                                             "prunes": classmethod(lambda cls: True)})
+    trainer = trainer_class()
+    trainer.network, trainer.label_manager = TokenSparseSegmenter(1, 2, PATCH, hard), _Labels()
+    with pytest.raises(ValueError, match="'hard' top-K estimator gives STP's scorers no gradient.*prior"):
+        trainer._build_loss()
+    trainer.foreground_prior = 1.0
+    assert isinstance(trainer._build_loss(), LossWithForegroundPrior)
+    trainer.foreground_prior, trainer.network = 0.0, _network()  # the published estimator: learns without the prior
+    assert isinstance(trainer._build_loss(), _SegLoss)
 
 
 def test_the_sparse_primus_family_learns_the_prior_by_default_and_the_vit_family_does_not():

@@ -36,6 +36,16 @@ def warm_started(dense: PrimusV3S, config: SparsePrimusConfig) -> TokenSparsePri
     return net
 
 
+def forward_both_ways(config: SparsePrimusConfig, image: torch.Tensor
+                      ) -> tuple[TokenSparsePrimus, torch.Tensor, torch.Tensor]:
+    """A seeded network without drop path, its training output (graph kept) and its inference output."""
+    torch.manual_seed(0)
+    net = TokenSparsePrimus(1, 3, PATCH, dataclasses.replace(config, drop_path_rate=0.0))
+    with torch.no_grad():
+        inference = net.eval()(image)
+    return net, net.train()(image), inference
+
+
 @pytest.mark.parametrize("config", [SparsePrimusConfig(prune_after=(), keep_ratios=()), KEEP_ALL_NO_MTA,
                                     SparsePrimusConfig(keep_ratios=(1.0, 1.0))], ids=["no-stages", "keep1", "keep1-mta"])
 def test_keep_one_computes_what_nnunets_primus_computes(dense, image, config):
@@ -108,12 +118,7 @@ def test_keep_one_control_prunes_nothing_and_leaves_the_scorers_to_the_prior(ima
     (only the prior's loss teaches them), MTA's correction trained."""
     from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer_keep1
 
-    config = dataclasses.replace(STPMTAPrimusV3STrainer_keep1.network_config(), drop_path_rate=0.0)
-    torch.manual_seed(0)
-    net = TokenSparsePrimus(1, 3, PATCH, config)
-    with torch.no_grad():
-        inference = net.eval()(image)
-    training = net.train()(image)
+    net, training, inference = forward_both_ways(STPMTAPrimusV3STrainer_keep1.network_config(), image)
     assert [k.shape for k in net.last_keep_indices] == [(2, 64), (2, 64)]
     assert torch.allclose(training, inference, atol=1e-5)
     training.square().mean().backward()
@@ -141,12 +146,7 @@ def test_unscaled_variants_train_on_what_inference_computes(image, variant, scor
     indicator); the scorers get the soft top-K's gradient through the first and none through the second."""
     import nnscd_trainers
 
-    config = dataclasses.replace(getattr(nnscd_trainers, variant).network_config(), drop_path_rate=0.0)
-    torch.manual_seed(0)
-    net = TokenSparsePrimus(1, 3, PATCH, config)
-    with torch.no_grad():
-        inference = net.eval()(image)
-    training = net.train()(image)
+    net, training, inference = forward_both_ways(getattr(nnscd_trainers, variant).network_config(), image)
     assert [k.shape[1] for k in net.last_keep_indices] == [16, 4]
     assert torch.allclose(training, inference, atol=1e-5)
     training.square().mean().backward()

@@ -144,6 +144,13 @@ class STPMTAPrimusV3STrainer_hard(STPMTAPrimusV3STrainer):
     config_changes = {"estimator": "hard"}
 
 
+class STPMTAPrimusV3STrainer_context(STPMTAPrimusV3STrainer):
+    """Pruned tokens stay keys and values of every later Eva block, frozen as they were pruned: the live tokens
+    attend to the whole grid, as in the keep-1 control, while only they are updated. By default the 11 tokens live
+    after block 6 of Hippocampus' 175 attend to each other only."""
+    config_changes = {"context_tokens": True}
+
+
 class STPMTAPrimusV3STrainer_keepwarmup(STPMTAPrimusV3STrainer):
     """EViT's keep-ratio curriculum: every token live in epoch 0, the keep ratios reached by a cosine at 40% of the
     epochs (nnscd_trainers.keep_warmup); inference keeps 25% then 6.25% as STPMTAPrimusV3STrainer."""
@@ -200,6 +207,10 @@ class STPMTAPrimusV3STrainer_straightthrough_budget(STPMTAPrimusV3STrainer_strai
 
 
 class STPMTAPrimusV3STrainer_hard_budget(STPMTAPrimusV3STrainer_hard):
+    schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_context_budget(STPMTAPrimusV3STrainer_context):
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
 
 

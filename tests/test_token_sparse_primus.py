@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import nnscd.networks.token_sparse_primus as sparse_primus
 from nnscd.networks.flop_model import sparse_primus_flop_breakdown, sparse_primus_forward_flops
 from nnscd.networks.registry import build_network, modelled_forward_flops
-from nnscd.networks.token_sparse_primus import SparsePrimusConfig, TokenSparsePrimus, live_rope
+from nnscd.networks.token_sparse_primus import (SparsePrimusConfig, TokenSparsePrimus, eva_block_with_context,
+                                               live_rope)
 from nnscd.core.pretrained_weights import load_pretrained_weights
 
 PATCH = (32, 32, 32)  # 4 x 4 x 4 = 64 tokens
@@ -139,6 +140,41 @@ def test_late_pruning_runs_half_the_encoder_on_every_token(image):
     assert seen == [64] * 6 + [16] * 3 + [4] * 3
 
 
+@pytest.mark.parametrize("context_tokens", [0, 5])
+def test_a_block_with_context_is_the_block_on_live_and_context_tokens_read_at_the_live_ones(dense, context_tokens):
+    """eva_block_with_context spells out timm's EvaAttention: it must equal the block run on the live and context
+    tokens together, read at the live ones (and the block alone without context)."""
+    block, rope = dense.eva.blocks[4], dense.eva.rope.get_embed()  # (64, R)
+    generator = torch.Generator().manual_seed(2)
+    positions = torch.randperm(64, generator=generator)[:7 + context_tokens].expand(2, -1)
+    tokens = torch.randn(2, 7 + context_tokens, dense.embed_dim, generator=generator)
+    rows = live_rope(rope, tokens, positions)  # (2, 1, 7 + M, R)
+    with torch.no_grad():
+        expected = block(tokens, rope=rows)[:, :7]
+        got = eva_block_with_context(block, tokens[:, :7], rows[:, :, :7], tokens[:, 7:], rows[:, :, 7:])
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_context_tokens_let_the_live_tokens_attend_to_the_whole_grid(image, monkeypatch):
+    """STPMTAPrimusV3STrainer_context: after each STP stage the live tokens' attention reads all 64 positions (the
+    pruned ones as keys and values), where the default's reads only the live ones; MTA reads the grid in both."""
+    from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer, STPMTAPrimusV3STrainer_context
+
+    def attention_shapes(config: SparsePrimusConfig) -> list[tuple[int, int]]:
+        net, shapes = TokenSparsePrimus(1, 3, PATCH, config).eval(), []
+        attend = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: shapes.append((q.shape[2], k.shape[2])) or attend(q, k, v, **kw))
+        with torch.no_grad():
+            net(image)
+        return shapes
+
+    assert attention_shapes(STPMTAPrimusV3STrainer.network_config()) == \
+        [(64, 64)] * 3 + [(16, 16)] * 3 + [(4, 4)] * 6 + [(64, 64)]
+    assert attention_shapes(STPMTAPrimusV3STrainer_context.network_config()) == \
+        [(64, 64)] * 3 + [(16, 64)] * 3 + [(4, 64)] * 6 + [(64, 64)]
+
+
 @pytest.mark.parametrize("variant, scorers_learn", [("STPMTAPrimusV3STrainer_straightthrough", True),
                                                     ("STPMTAPrimusV3STrainer_hard", False)])
 def test_unscaled_variants_train_on_what_inference_computes(image, variant, scorers_learn):
@@ -154,9 +190,9 @@ def test_unscaled_variants_train_on_what_inference_computes(image, variant, scor
     assert all(g is not None and g.any() for g in grads) if scorers_learn else all(g is None for g in grads)
 
 
-@pytest.mark.parametrize("keep", [1.0, 0.5, 0.25])
-def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep):
-    config = SparsePrimusConfig(keep_ratios=(keep, keep))
+@pytest.mark.parametrize("keep, context_tokens", [(1.0, False), (0.5, False), (0.25, False), (0.25, True)])
+def test_measured_flops_fall_with_the_keep_ratio_as_modelled(image, keep, context_tokens):
+    config = SparsePrimusConfig(keep_ratios=(keep, keep), context_tokens=context_tokens)
     with torch.device("meta"):
         net = TokenSparsePrimus(1, 3, PATCH, config).eval()
         with FlopCounterMode(display=False) as counter:

@@ -177,20 +177,24 @@ def primus_conv_flops(config: "SparsePrimusConfig", in_channels: int, num_classe
 def sparse_primus_flop_breakdown(config: "SparsePrimusConfig", in_channels: int, num_classes: int,
                                  patch_size: Sequence[int], batch_size: int = 1) -> dict[str, int]:
     """Forward FLOPs of a TokenSparsePrimus (or, with no pruning stages, of nnU-Net's PrimusV3) by part: stem,
-    encoder (Eva blocks on the live tokens), scorers, mta, decoder."""
+    encoder (Eva blocks on the live tokens, and on the context tokens' keys and values), scorers, mta, decoder."""
     from nnscd.networks.token_sparse_primus import PRIMUS_TOKEN, primus_depth, primus_width
 
     B, D, depth = batch_size, primus_width(config.size), primus_depth(config.size)
     L = math.prod(token_grid(patch_size, PRIMUS_TOKEN))
     parts = {"stem": 0, "encoder": 0, "scorers": 0, "mta": 0, "decoder": 0}
     parts.update(primus_conv_flops(config, in_channels, num_classes, patch_size, batch_size))
-    live, hidden = L, config.scorer_hidden or D // 4
+    live, context, hidden = L, 0, config.scorer_hidden or D // 4
     for number in range(1, depth + 1):
-        parts["encoder"] += eva_block_flops(B, live, D)
+        # context tokens: their keys and values, and the live queries' QK^T and AV over them
+        parts["encoder"] += (eva_block_flops(B, live, D) + 2 * linear_flops(B * context, D, D)
+                             + 4 * B * live * context * D)
         if number in config.prune_after:
             parts["scorers"] += (linear_flops(B * live, D, hidden) + linear_flops(B * live, 2 * hidden, hidden)
                                  + linear_flops(B * live, hidden, 1))
-            live = num_kept(live, config.keep_ratios[config.prune_after.index(number)], config.min_tokens)
+            kept = num_kept(live, config.keep_ratios[config.prune_after.index(number)], config.min_tokens)
+            context += (live - kept) if config.context_tokens else 0
+            live = kept
     if config.sparse and config.mta:
         W = config.mta_dim
         parts["mta"] = (linear_flops(B * L, D, W) + config.mta_depth * eva_block_flops(B, L, W)

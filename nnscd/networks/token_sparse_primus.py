@@ -7,17 +7,18 @@ blocks one by one and prunes between them. Size "Light" with stem "patch" is the
 Primus' one-conv patch embedding and 6 Eva blocks 192 wide (`LIGHT`).
 
   stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ... ->
-  eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
+  [with `context_tokens`: the live tokens' attention also reads the pruned tokens, frozen] -> eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
   -> scatter to the grid -> PatchDecode
 
-Read top to bottom: 1. configuration, 2. RoPE rows of live tokens, 3. MTA, 4. the network.
+Read top to bottom: 1. configuration, 2. RoPE rows of live tokens, 3. Eva blocks with context tokens, 4. MTA,
+5. the network.
 
 Weight compatibility: `down_projection.*`, `eva.*` and `up_projection.*` are Primus' own modules, so a dense
 PrimusV3 state dict loads with `strict=False`, missing only `stages.*` and `mta.*` (`fresh_modules`). MTA's output
 projection starts at zero, so right after such a warm start the network computes the MTA-off infill, and with keep
 ratio 1 exactly the dense Primus output.
 
-Shapes: B batch, L tokens of the grid, K live tokens, D Primus width, W MTA width, R RoPE width (2 x head dim).
+Shapes: B batch, L tokens of the grid, K live tokens, M context tokens, D Primus width, W MTA width, R RoPE width (2 x head dim).
 Nothing here imports nnU-Net.
 """
 import math
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, PrimusV3, PrimusV3X
 from dynamic_network_architectures.building_blocks.patch_encode_decode import PatchEmbed
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-from timm.layers import RotaryEmbeddingCat, apply_keep_indices_nlc
+from timm.layers import RotaryEmbeddingCat, apply_keep_indices_nlc, apply_rot_embed_cat
 from timm.models.eva import EvaBlock
 from torch import Tensor, nn
 
@@ -77,6 +79,7 @@ class SparsePrimusConfig:
     mta: bool = True
     cumulative_weights: bool = False  # True: weight by the product of all a token's indicators (see encode)
     straight_through: bool = False  # True: the indicators scale no features in training, only gradients (STP)
+    context_tokens: bool = False  # True: pruned tokens stay keys and values of the later blocks (not updated)
     mta_dim: int = 192
     mta_depth: int = 1
     mta_heads: int = 4  # head 48 -> RoPE over 32 channels (Eva's rule: head / 1.5, divisible by 4)
@@ -134,7 +137,37 @@ def grid_rope(dim: int, heads: int, grid: Sequence[int]) -> RotaryEmbeddingCat:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. MTA: multi-layer token assembly on Eva blocks
+# 3. Eva blocks with context tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def eva_block_with_context(block: EvaBlock, x: Tensor, rope: Tensor, context: Tensor, context_rope: Tensor) -> Tensor:
+    """`block` on the live tokens x (B, K, D) whose attention also reads keys and values of the context tokens
+    (B, M, D), which the block does not update: what `block(cat([x, context]), rope=cat([rope, context_rope]))[:, :K]`
+    computes, without the context's queries, attention output and MLP. rope (B, 1, K, R), context_rope (B, 1, M, R).
+    timm's EvaAttention attends a sequence to itself only, so its steps are spelled out here on its own modules
+    (Primus builds it with separate q, k, v projections and no prefix tokens)."""
+    attn, (B, K, D) = block.attn, x.shape
+
+    def heads(t: Tensor) -> Tensor:  # (B, N, D) -> (B, H, N, D / H)
+        return t.reshape(B, t.shape[1], attn.num_heads, -1).transpose(1, 2)
+
+    queries = block.norm1(x)
+    everyone = torch.cat([queries, block.norm1(context)], dim=1)  # (B, K + M, D)
+    half = getattr(attn, "rotate_half", False)
+    q = apply_rot_embed_cat(attn.q_norm(heads(attn.q_proj(queries))), rope, half=half)
+    k = apply_rot_embed_cat(attn.k_norm(heads(attn.k_proj(everyone))), torch.cat([rope, context_rope], dim=2),
+                            half=half)
+    v = heads(attn.v_proj(everyone))
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if block.training else 0.0)
+    y = attn.proj_drop(attn.proj(attn.norm(y.transpose(1, 2).reshape(B, K, D))))  # (B, K, D)
+    gamma_1 = 1.0 if block.gamma_1 is None else block.gamma_1
+    gamma_2 = 1.0 if block.gamma_2 is None else block.gamma_2
+    x = x + block.drop_path1(gamma_1 * y)
+    return x + block.drop_path2(gamma_2 * block.mlp(block.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. MTA: multi-layer token assembly on Eva blocks
 # ---------------------------------------------------------------------------------------------------------------
 
 class PrimusTokenCompletion(nn.Module):
@@ -164,7 +197,7 @@ class PrimusTokenCompletion(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. the network
+# 5. the network
 # ---------------------------------------------------------------------------------------------------------------
 
 class TokenSparsePrimus(PrimusV3):
@@ -203,15 +236,21 @@ class TokenSparsePrimus(PrimusV3):
 
         In training each set's `weights` is the soft indicator of the stage that last decided about its tokens
         (kept: indicator, pruned: 1 - indicator); `forward` applies them after eva.norm. With `cumulative_weights`
-        it is the product over every decision about them, so that a stage-1 keep is rewarded after the norm too."""
+        it is the product over every decision about them, so that a stage-1 keep is rewarded after the norm too.
+        With `context_tokens` every pruned token, as it was pruned, stays a key and value of the later blocks."""
         x, rope, _ = self.eva._pos_embed(tokens)  # abs. positions added; rope (L, R) for the whole grid
         B, L, _ = x.shape
         live = TokenSet(x, torch.arange(L, device=x.device).expand(B, L))
         live_rows: Optional[Tensor] = rope  # (L, R) while every token is live, then (B, 1, K, R)
         path = x.new_ones(B, L, 1) if self.training and self.config.cumulative_weights else None  # indicators so far
         pruned, kept_positions = [], []
+        context, context_rows = None, None  # (B, M, D) pruned tokens the live ones still attend to, their RoPE
         for number, block in enumerate(self.eva.blocks, start=1):
-            live = live._replace(features=block(live.features, rope=live_rows))
+            if context is None:
+                live = live._replace(features=block(live.features, rope=live_rows))
+            else:
+                live = live._replace(features=eva_block_with_context(block, live.features, live_rows, context,
+                                                                     context_rows))
             if number in self.config.prune_after:
                 live, dropped = self.stages[self.config.prune_after.index(number)](live)
                 if path is not None:
@@ -219,6 +258,9 @@ class TokenSparsePrimus(PrimusV3):
                     path = scatter_tokens(path, live.positions, gather_tokens(path, live.positions) * live.weights)
                 pruned.append(dropped)
                 kept_positions.append(live.positions)
+                if self.config.context_tokens:
+                    context = torch.cat([p.features for p in pruned], dim=1)
+                    context_rows = live_rope(rope, context, torch.cat([p.positions for p in pruned], dim=1))
                 live_rows = None if rope is None else live_rope(rope, live.features, live.positions)
         if path is not None:
             live = live._replace(weights=gather_tokens(path, live.positions))

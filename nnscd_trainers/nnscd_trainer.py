@@ -24,6 +24,8 @@ CPU_SCHEDULE = (5, 10, 5)
 # The quality protocol's budget (documentation/results/hippocampus.md): 10 epochs x 25 iterations at the plans' batch,
 # where nnU-Net's U-Net learns (at the earlier 100 steps of batch 2 it predicted background). None keeps the plans' batch.
 BUDGET_SCHEDULE, BUDGET_BATCH = (10, 25, 5), None
+# Twice the budget's iterations: does a gap at the budget close with training? (the same validation, batch, warm-up)
+BUDGET2X_SCHEDULE = (20, 25, 5)
 # Equal compute, the protocol's second view: the training time nnU-Net's U-Net needs for the budget, converted into a
 # trainer's epochs from the seconds per iteration (data loading included) that `nnScd_benchmark -d 4 -c 3d_fullres`
 # measured for both on the quiet 2-core CPU (documentation/results/benchmark_hippocampus_steps_cpu.json).

@@ -25,8 +25,8 @@ from nnscd.core.token_planning import TokenPlan, plan_tokens
 from nnscd_trainers.foreground_prior import ForegroundPrior
 from nnscd_trainers.keep_statistics import KeepStatistics
 from nnscd_trainers.keep_warmup import KeepWarmup
-from nnscd_trainers.nnscd_trainer import (BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE, SMOKE_SCHEDULE,
-                                          equal_compute_schedule, nnScdTrainer)
+from nnscd_trainers.nnscd_trainer import (BUDGET2X_SCHEDULE, BUDGET_BATCH, BUDGET_SCHEDULE, CPU_SCHEDULE,
+                                          SMOKE_SCHEDULE, equal_compute_schedule, nnScdTrainer)
 
 NNUNET_WARMUP_SHARE = 50 / 1000  # AbstractPrimus: 50 warm-up epochs of 1000
 
@@ -234,6 +234,14 @@ class PrimusV3STrainer_cpu(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
 class PrimusV3STrainer_budget(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
     """nnunetv2's dense PrimusV3-S trainer on the quality protocol's budget."""
     schedule, batch_size_override = BUDGET_SCHEDULE, BUDGET_BATCH
+
+
+class STPMTAPrimusV3STrainer_budget2x(STPMTAPrimusV3STrainer):
+    schedule, batch_size_override = BUDGET2X_SCHEDULE, BUDGET_BATCH
+
+
+class PrimusV3STrainer_budget2x(nnScdPrimusTrainer, nnUNet_PrimusV3S_Trainer):
+    schedule, batch_size_override = BUDGET2X_SCHEDULE, BUDGET_BATCH
 
 
 class PrimusV3BTrainer_budget(nnScdPrimusTrainer, nnUNet_PrimusV3B_Trainer):

@@ -43,6 +43,7 @@ TWINS = {  # sparse trainer -> its dense twin
     "STPMTAPrimusV3STrainer_straightthrough_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_hard_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_context_budget": "PrimusV3STrainer_budget",
+    "STPMTAPrimusV3STrainer_budget2x": "PrimusV3STrainer_budget2x",
     "STPMTAPrimusV3STrainer_keepwarmup_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_noprior_budget": "PrimusV3STrainer_budget",
     "STPMTAPrimusV3STrainer_noprior_cumulative_budget": "PrimusV3STrainer_budget",

@@ -6,9 +6,9 @@ LayerScale, then Primus' patch decoder. `TokenSparsePrimus` is that class with a
 blocks one by one and prunes between them. Size "Light" with stem "patch" is the light network: the first
 Primus' one-conv patch embedding and 6 Eva blocks 192 wide (`LIGHT`).
 
-  stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ... ->
-  [with `context_tokens`: the live tokens' attention also reads the pruned tokens, frozen] -> eva.norm -> infill (every grid position gets the features of the deepest block it reached) [+ MTA correction]
-  -> scatter to the grid -> PatchDecode
+  stem -> + abs. positions -> blocks 1..p1 -> STP (keep K1, gather tokens AND their RoPE rows) -> blocks ...
+  [`context_tokens`: the live tokens also attend to the pruned ones, frozen] -> eva.norm -> infill (every grid
+  position gets the features of the deepest block it reached) [+ MTA correction] -> scatter to the grid -> PatchDecode
 
 Read top to bottom: 1. configuration, 2. RoPE rows of live tokens, 3. Eva blocks with context tokens, 4. MTA,
 5. the network.
@@ -18,7 +18,8 @@ PrimusV3 state dict loads with `strict=False`, missing only `stages.*` and `mta.
 projection starts at zero, so right after such a warm start the network computes the MTA-off infill, and with keep
 ratio 1 exactly the dense Primus output.
 
-Shapes: B batch, L tokens of the grid, K live tokens, M context tokens, D Primus width, W MTA width, R RoPE width (2 x head dim).
+Shapes: B batch, L tokens of the grid, K live tokens, M context tokens, D Primus width, W MTA width, R RoPE width
+(2 x head dim).
 Nothing here imports nnU-Net.
 """
 import math

@@ -178,7 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     settle_environment(cpu=True)  # nnU-Net's trainer lookup finds nnscd's trainers, as in the nnScd_ commands
     results = Path(os.environ["nnUNet_results"]) / DATASET
-    models = sorted(m for view in ("budget", "equalcompute") for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
+    models = sorted(m for view in ("budget", "budget2x", "equalcompute")
+                    for m in results.glob(f"*_{view}__nnUNetPlans__3d_fullres"))
     out = Path(args.out)
     committed = seed_file(out, args.seed)  # runs of earlier sessions, whose models are gone
     references = {}

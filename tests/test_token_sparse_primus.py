@@ -160,9 +160,10 @@ def test_context_tokens_let_the_live_tokens_attend_to_the_whole_grid(image, monk
     pruned ones as keys and values), where the default's reads only the live ones; MTA reads the grid in both."""
     from nnscd_trainers.primus_trainers import STPMTAPrimusV3STrainer, STPMTAPrimusV3STrainer_context
 
+    attend = torch.nn.functional.scaled_dot_product_attention  # the real one, wrapped afresh for each network
+
     def attention_shapes(config: SparsePrimusConfig) -> list[tuple[int, int]]:
         net, shapes = TokenSparsePrimus(1, 3, PATCH, config).eval(), []
-        attend = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                             lambda q, k, v, **kw: shapes.append((q.shape[2], k.shape[2])) or attend(q, k, v, **kw))
         with torch.no_grad():
